@@ -1,0 +1,36 @@
+"""Input checks of the public ops: each error names the op, the argument and the problem."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_tensor(op: str, name: str, t, *, ndim: int | None = None, min_ndim: int | None = None,
+                 dtypes=FLOAT_DTYPES) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{op}: {name} has dtype {str(t.dtype).replace('torch.', '')}; expected one of {names}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{op}: {name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ValueError(f"{op}: {name} must have at least {min_ndim} dimensions, got shape {tuple(t.shape)}")
+
+
+def check_like(op: str, name: str, t, ref: torch.Tensor, ref_name: str, *, shape=True, dtype=True) -> None:
+    """t must match ref in device (always), shape and dtype (when asked)."""
+    check_tensor(op, name, t, dtypes=None)
+    if t.device != ref.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
+    if shape and t.shape != ref.shape:
+        raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected {tuple(ref.shape)} like {ref_name}")
+    if dtype and t.dtype != ref.dtype:
+        raise TypeError(f"{op}: {name} has dtype {t.dtype}, expected {ref.dtype} like {ref_name}")
+
+
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the ops compute in: float64 for float64 inputs, float32 for all others."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

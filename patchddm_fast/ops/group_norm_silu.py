@@ -1,0 +1,142 @@
+"""GroupNorm + SiLU, with the timestep bias and the averaging skip fused in.
+
+    average = (x + skip) / 2                      (only when skip is given)
+    u       = (average or x) + add[b, c]          (only when add is given)
+    y       = silu(group_norm(u, groups) * weight[c] + bias[c])
+
+This is the normalisation at the head of every ResBlock branch of PatchDDM's U-Net: `add`
+carries the timestep embedding, `skip` the encoder features that the decoder averages in. The
+fused op makes one pass forward and two backward, keeps the statistics in float32, and saves
+only its input (the average when there is a skip, which the ResBlock's residual path holds
+anyway) and per-group mean and rstd, recomputing the rest in backward. The unfused sequence
+saves the normalised tensor and the SiLU output on top.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .._extension import EXTENSION
+from ._backends import FastOp
+from ._checks import check_like, check_tensor, opmath_dtype
+
+OP = FastOp("group_norm_silu", native="group_norm_silu_forward", triton_module="group_norm_silu")
+NAME = "group_norm_silu"
+
+
+def group_norm_silu_reference(x, weight, bias, groups, eps=1e-5, add=None, skip=None):
+    """Plain-PyTorch group_norm_silu: the test oracle and the fallback (same arguments)."""
+    acc = opmath_dtype(x.dtype)
+    average = None
+    u = x.to(acc)
+    if skip is not None:
+        # The stored average, rounded to x's dtype, is what the rest sees, as in the kernels.
+        average = ((u + skip.to(acc)) * 0.5).to(x.dtype)
+        u = average.to(acc)
+    if add is not None:
+        u = u + add.to(acc).reshape(add.shape + (1,) * (x.dim() - 2))
+    w = weight.to(acc) if weight is not None else None
+    b = bias.to(acc) if bias is not None else None
+    y = F.silu(F.group_norm(u, groups, w, b, eps)).to(x.dtype)
+    return (average, y) if skip is not None else y
+
+
+def _check(x, weight, bias, groups, eps, add, skip):
+    check_tensor(NAME, "x", x, min_ndim=3)
+    batch, channels = x.shape[:2]
+    if not isinstance(groups, int) or groups <= 0 or channels % groups:
+        raise ValueError(f"{NAME}: groups={groups} must be a positive divisor of the {channels} "
+                         f"channels of x (shape {tuple(x.shape)})")
+    if not eps > 0:
+        raise ValueError(f"{NAME}: eps must be positive, got {eps}")
+    if skip is not None:
+        check_like(NAME, "skip", skip, x, "x")
+    for name, param in (("weight", weight), ("bias", bias)):
+        if param is not None:
+            check_tensor(NAME, name, param, ndim=1)
+            check_like(NAME, name, param, x, "x", shape=False, dtype=False)
+            if param.shape[0] != channels:
+                raise ValueError(f"{NAME}: {name} has shape {tuple(param.shape)}, expected ({channels},)")
+    if add is not None:
+        check_tensor(NAME, "add", add, ndim=2)
+        check_like(NAME, "add", add, x, "x", shape=False, dtype=False)
+        if tuple(add.shape) != (batch, channels):
+            raise ValueError(f"{NAME}: add has shape {tuple(add.shape)}, expected (batch, channels) = "
+                             f"({batch}, {channels})")
+
+
+def group_norm_silu(x, weight, bias, groups, eps=1e-5, add=None, skip=None, *, backend=None):
+    """Fused silu(group_norm((x [+ skip] / 2) + add)).
+
+    x: (B, C, *spatial), float32, float16, bfloat16 or float64.
+    weight, bias: (C,) affine parameters of the norm, or None (any float dtype).
+    groups: number of groups, dividing C. eps: added to the variance (1e-5 as PatchDDM).
+    add: (B, C) per-(batch, channel) bias added before normalising (the timestep embedding).
+    skip: a tensor like x, averaged with it first: the decoder's (h + skip) / 2.
+
+    Returns y, like x; or (average, y) when skip is given, average = (x + skip) / 2 in x's
+    dtype (the ResBlock's residual path needs it). Statistics are float32 (float64 for
+    float64 inputs). Differentiable in x, skip, add, weight and bias.
+    """
+    _check(x, weight, bias, groups, eps, add, skip)
+    choice = OP.resolve(x.device, backend)
+    if choice == "torch":
+        return group_norm_silu_reference(x, weight, bias, groups, eps, add, skip)
+    ops = torch.ops.patchddm_triton if choice == "triton" else torch.ops.patchddm
+    contiguous = [t.contiguous() if t is not None else None for t in (x, skip, add, weight, bias)]
+    y, average, _, _ = ops.group_norm_silu_forward(*contiguous, groups, float(eps))
+    return (average, y) if skip is not None else y
+
+
+# -- fake kernels and autograd, shared by the compiled and the Triton ops ---------------------
+
+def fake_forward(x, skip, add, weight, bias, groups, eps):
+    stats = x.new_empty((x.shape[0], groups), dtype=opmath_dtype(x.dtype))
+    average = torch.empty_like(x) if skip is not None else x.new_empty((0,))
+    return torch.empty_like(x), average, stats, torch.empty_like(stats)
+
+
+def fake_backward(grad_out, grad_average, input, add, weight, bias, mean, rstd, groups, input_scale):
+    acc = opmath_dtype(input.dtype)
+    empty = input.new_empty((0,), dtype=acc)
+    return (torch.empty_like(input),
+            input.new_empty(add.shape, dtype=acc) if add is not None else empty,
+            input.new_empty(weight.shape, dtype=acc) if weight is not None else empty,
+            input.new_empty(bias.shape, dtype=acc) if bias is not None else empty)
+
+
+def register_autograd(forward_qualname: str, backward_op) -> None:
+    """Autograd of a group_norm_silu_forward op, whose gradients come from backward_op."""
+
+    def setup_context(ctx, inputs, output):
+        x, skip, add, weight, bias, groups, eps = inputs
+        _, average, mean, rstd = output
+        ctx.groups, ctx.has_skip = groups, skip is not None
+        ctx.save_for_backward(average if skip is not None else x, add, weight, bias, mean, rstd)
+        ctx.mark_non_differentiable(mean, rstd)
+
+    def backward(ctx, grad_out, grad_average, _grad_mean, _grad_rstd):
+        input, add, weight, bias, mean, rstd = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(input)
+        if not ctx.has_skip:
+            grad_average = None
+        scale = 0.5 if ctx.has_skip else 1.0
+        grad_input, grad_add, grad_weight, grad_bias = backward_op(
+            grad_out.contiguous(), grad_average.contiguous() if grad_average is not None else None,
+            input, add, weight, bias, mean, rstd, ctx.groups, scale)
+        return (grad_input,
+                grad_input if ctx.has_skip else None,
+                grad_add.to(add.dtype) if add is not None else None,
+                grad_weight.to(weight.dtype) if weight is not None else None,
+                grad_bias.to(bias.dtype) if bias is not None else None,
+                None, None)
+
+    torch.library.register_autograd(forward_qualname, backward, setup_context=setup_context)
+
+
+if EXTENSION.loaded:
+    torch.library.register_fake("patchddm::group_norm_silu_forward")(fake_forward)
+    torch.library.register_fake("patchddm::group_norm_silu_backward")(fake_backward)
+    register_autograd("patchddm::group_norm_silu_forward", torch.ops.patchddm.group_norm_silu_backward)

@@ -1,0 +1,268 @@
+"""The per-timestep noise update of diffusion sampling and training, as one fused pass.
+
+Every update is an instance of one kernel, per batch element b with coef[b] = (a, b, c, d, e, s):
+
+    x0  = a * x + b * eps                       (clamped to [-1, 1] when clip)
+    out = c * x0 + d * x + e * eps + s * z      (z: in-kernel Philox noise, see philox.py)
+
+- ddim_step: the DDIM update (eta >= 0), returning x_prev and the predicted x0;
+- ddpm_step: the ancestral DDPM update (posterior mean plus sigma * z);
+- q_sample:  forward noising for training, x_t = sqrt(ab) * x0 + sqrt(1 - ab) * z.
+
+Coefficients may be Python floats or per-batch-element tensors (ensembles, random training
+timesteps); they are computed in float64 and applied in float32 (float64 for float64 data).
+`out=` may be a strided view, e.g. the x_t channel of a preallocated model-input buffer,
+and may alias x: each element is read before it is written.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._extension import EXTENSION
+from ._backends import FastOp
+from ._checks import check_like, check_tensor, opmath_dtype
+from .philox import check_seed_offset, philox_normal_reference
+
+OP = FastOp("noise_update", native="noise_update", triton_module="noise")
+NCOEF = 6
+
+
+# -- the generic update -----------------------------------------------------------------------
+
+def noise_update_reference(x, eps, coef, clip, add_noise, seed, offset):
+    """Plain-PyTorch noise update: returns (out, x0), both in x's dtype."""
+    acc = opmath_dtype(x.dtype)
+    shape = (coef.shape[0],) + (1,) * (x.dim() - 1)
+    a, b, c, d, e, s = (coef[:, k].to(acc).reshape(shape) for k in range(NCOEF))
+    xf = x.to(acc)
+    x0 = a * xf
+    if eps is not None:
+        x0 = x0 + b * eps.to(acc)
+    if clip:
+        x0 = x0.clamp(-1.0, 1.0)
+    out = c * x0 + d * xf
+    if eps is not None:
+        out = out + e * eps.to(acc)
+    if add_noise:
+        z = philox_normal_reference(x.numel(), seed, offset, device=x.device, dtype=acc)
+        out = out + s * z.reshape(x.shape)
+    return out.to(x.dtype), x0.to(x.dtype)
+
+
+def _is_batch_strided(t: torch.Tensor) -> bool:
+    """Contiguous within each batch element; the batch stride may be anything (a channel
+    slice of a larger buffer qualifies). That is the layout the kernels read and write."""
+    return t.dim() == 0 or t[0].is_contiguous() or t.shape[0] == 0
+
+
+def _noise_update(name, x, eps, coef, *, clip, add_noise, seed, offset, out, x0_out, backend):
+    check_tensor(name, "x", x, min_ndim=1)
+    if eps is not None:
+        check_like(name, "eps", eps, x, "x")
+    if add_noise:
+        check_seed_offset(name, seed, offset)
+    else:
+        seed, offset = 0, 0
+    for label, target in (("out", out), ("x0_out", x0_out)):
+        if target is not None:
+            check_like(name, label, target, x, "x")
+    choice = OP.resolve(x.device, backend)
+    if choice == "torch":
+        result, x0 = noise_update_reference(x, eps, coef, clip, add_noise, seed, offset)
+        if out is not None:
+            out.copy_(result)
+            result = out
+        if x0_out is not None:
+            x0_out.copy_(x0)
+            x0 = x0_out
+        return result, x0
+    ops = torch.ops.patchddm_triton if choice == "triton" else torch.ops.patchddm
+    x_in = x if _is_batch_strided(x) else x.contiguous()
+    eps_in = None if eps is None else (eps if _is_batch_strided(eps) else eps.contiguous())
+    if out is None and x0_out is None:
+        return ops.noise_update(x_in, eps_in, coef, clip, add_noise, seed, offset, True)
+    # Write straight into the caller's buffers where the kernels can; else via a temporary.
+    direct_out = out if out is not None and _is_batch_strided(out) else torch.empty_like(x_in)
+    direct_x0 = x0_out if x0_out is not None and _is_batch_strided(x0_out) else torch.empty_like(x_in)
+    ops.noise_update_out(x_in, eps_in, coef, clip, add_noise, seed, offset, direct_out, direct_x0)
+    if out is not None and direct_out is not out:
+        out.copy_(direct_out)
+    if x0_out is not None and direct_x0 is not x0_out:
+        x0_out.copy_(direct_x0)
+    return (out if out is not None else direct_out), (x0_out if x0_out is not None else direct_x0)
+
+
+# -- coefficients -------------------------------------------------------------------------------
+
+def _per_batch(name: str, label: str, value, batch: int) -> torch.Tensor:
+    """A coefficient as a float64 CPU tensor of shape (batch,) or (1,).
+
+    Coefficients are combined on the host, then sent to the device as one (B, 6) tensor.
+    """
+    if isinstance(value, torch.Tensor):
+        v = value.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
+        if v.numel() not in (1, batch):
+            raise ValueError(f"{name}: {label} has {v.numel()} values; expected 1 or the batch size {batch}")
+    else:
+        v = torch.tensor([float(value)], dtype=torch.float64)
+    return v
+
+
+def _check_alpha_bar(name: str, label: str, v: torch.Tensor, *, allow_one: bool) -> None:
+    if torch.compiler.is_compiling():
+        return  # a value check would break the graph; eager calls check
+    ok = (v > 0) & ((v <= 1) if allow_one else (v < 1))
+    if not bool(ok.all()):
+        bound = "(0, 1]" if allow_one else "(0, 1)"
+        raise ValueError(f"{name}: {label} must lie in {bound} (NaN is invalid), got {v.tolist()}")
+
+
+def _stack(columns, device) -> torch.Tensor:
+    rows = torch.broadcast_tensors(*columns)
+    return torch.stack(rows, dim=1).to(torch.float32).to(device).contiguous()
+
+
+def _seed_or_random(seed):
+    if seed is None:
+        return int(torch.randint(0, 2**62, (1,)).item())
+    return seed
+
+
+# -- public ops ---------------------------------------------------------------------------------
+
+def ddim_step(x_t, eps, alpha_bar_t, alpha_bar_prev, *, eta=0.0, clip=False, seed=None, offset=0,
+              out=None, x0_out=None, backend=None):
+    """One DDIM step (Song et al. 2021) from x_t and the predicted noise eps.
+
+        x0     = (x_t - sqrt(1 - ab_t) * eps) / sqrt(ab_t)        (clamped to [-1, 1] if clip)
+        eps'   = (x_t - sqrt(ab_t) * x0) / sqrt(1 - ab_t)         (eps itself when not clipped)
+        sigma  = eta * sqrt((1 - ab_prev) / (1 - ab_t)) * sqrt(1 - ab_t / ab_prev)
+        x_prev = sqrt(ab_prev) * x0 + sqrt(1 - ab_prev - sigma^2) * eps' + sigma * z
+
+    x_t, eps: (B, ...) tensors of one shape and dtype. alpha_bar_t, alpha_bar_prev: floats or
+    tensors of B (or 1) values, ab_t in (0, 1), ab_prev in (0, 1]. z is Philox noise keyed by
+    (seed, offset), drawn only when eta > 0 (seed None: one drawn from torch's generator).
+    Returns (x_prev, x0); written into out / x0_out when given (any strides; out may be x_t).
+    """
+    name = "ddim_step"
+    check_tensor(name, "x_t", x_t, min_ndim=1)
+    if not eta >= 0:
+        raise ValueError(f"{name}: eta must be >= 0, got {eta}")
+    batch, device = x_t.shape[0], x_t.device
+    ab_t = _per_batch(name, "alpha_bar_t", alpha_bar_t, batch)
+    ab_prev = _per_batch(name, "alpha_bar_prev", alpha_bar_prev, batch)
+    _check_alpha_bar(name, "alpha_bar_t", ab_t, allow_one=False)
+    _check_alpha_bar(name, "alpha_bar_prev", ab_prev, allow_one=True)
+    sqrt_ab, sqrt_1m_ab = ab_t.sqrt(), (1 - ab_t).sqrt()
+    sigma = eta * ((1 - ab_prev) / (1 - ab_t)).sqrt() * (1 - ab_t / ab_prev).clamp(min=0).sqrt()
+    k = (1 - ab_prev - sigma**2).clamp(min=0).sqrt()
+    # x_prev = sqrt(ab_prev) x0 + k (x_t - sqrt(ab_t) x0) / sqrt(1 - ab_t) + sigma z
+    coef = _stack([1 / sqrt_ab, -sqrt_1m_ab / sqrt_ab, ab_prev.sqrt() - k * sqrt_ab / sqrt_1m_ab,
+                   k / sqrt_1m_ab, torch.zeros_like(k), sigma], device)
+    add_noise = eta > 0
+    return _noise_update(name, x_t, eps, coef, clip=clip, add_noise=add_noise,
+                         seed=_seed_or_random(seed) if add_noise else 0, offset=offset,
+                         out=out, x0_out=x0_out, backend=backend)
+
+
+def ddpm_step(x_t, eps, alpha_bar_t, alpha_bar_prev, *, clip=True, variance="fixed_small",
+              seed=None, offset=0, out=None, x0_out=None, backend=None):
+    """One ancestral DDPM step (Ho et al. 2020) from x_t and the predicted noise eps.
+
+        x0     = (x_t - sqrt(1 - ab_t) * eps) / sqrt(ab_t)        (clamped to [-1, 1] if clip)
+        beta   = 1 - ab_t / ab_prev
+        mean   = beta sqrt(ab_prev) / (1 - ab_t) * x0 + (1 - ab_prev) sqrt(1 - beta) / (1 - ab_t) * x_t
+        x_prev = mean + sigma * z,  sigma^2 = beta (1 - ab_prev) / (1 - ab_t)  ("fixed_small")
+                                    or beta                                  ("fixed_large")
+
+    The last step (ab_prev = 1) adds no noise. Arguments and returns as ddim_step.
+    """
+    name = "ddpm_step"
+    check_tensor(name, "x_t", x_t, min_ndim=1)
+    if variance not in ("fixed_small", "fixed_large"):
+        raise ValueError(f"{name}: variance must be 'fixed_small' or 'fixed_large', got {variance!r}")
+    batch, device = x_t.shape[0], x_t.device
+    ab_t = _per_batch(name, "alpha_bar_t", alpha_bar_t, batch)
+    ab_prev = _per_batch(name, "alpha_bar_prev", alpha_bar_prev, batch)
+    _check_alpha_bar(name, "alpha_bar_t", ab_t, allow_one=False)
+    _check_alpha_bar(name, "alpha_bar_prev", ab_prev, allow_one=True)
+    beta = (1 - ab_t / ab_prev).clamp(min=0)
+    c_x0 = beta * ab_prev.sqrt() / (1 - ab_t)
+    c_xt = (1 - ab_prev) * (1 - beta).sqrt() / (1 - ab_t)
+    var = beta * (1 - ab_prev) / (1 - ab_t) if variance == "fixed_small" else beta
+    sigma = torch.where(ab_prev < 1, var.sqrt(), torch.zeros_like(var))
+    sqrt_ab = ab_t.sqrt()
+    coef = _stack([1 / sqrt_ab, -(1 - ab_t).sqrt() / sqrt_ab, c_x0, c_xt, torch.zeros_like(c_x0), sigma],
+                  device)
+    return _noise_update(name, x_t, eps, coef, clip=clip, add_noise=True, seed=_seed_or_random(seed),
+                         offset=offset, out=out, x0_out=x0_out, backend=backend)
+
+
+def q_sample(x0, alpha_bar, *, seed=None, offset=0, return_noise=True, out=None, backend=None):
+    """Forward noising for training: x_t = sqrt(ab) * x0 + sqrt(1 - ab) * z.
+
+    x0: (B, ...) clean data; alpha_bar: float or B values in (0, 1). z is Philox noise keyed by
+    (seed, offset) (seed None: one drawn from torch's generator). Returns (x_t, z) with
+    return_noise, else x_t alone: the loss can regenerate the same z later with
+    philox_normal(x0.shape, seed, offset) instead of keeping it alive through the forward.
+    """
+    name = "q_sample"
+    check_tensor(name, "x0", x0, min_ndim=1)
+    batch, device = x0.shape[0], x0.device
+    ab = _per_batch(name, "alpha_bar", alpha_bar, batch)
+    _check_alpha_bar(name, "alpha_bar", ab, allow_one=False)
+    zero = torch.zeros_like(ab)
+    coef = _stack([torch.ones_like(ab), zero, ab.sqrt(), zero, zero, (1 - ab).sqrt()], device)
+    seed = _seed_or_random(seed)
+    x_t, _ = _noise_update(name, x0, None, coef, clip=False, add_noise=True, seed=seed, offset=offset,
+                           out=out, x0_out=None, backend=backend)
+    if not return_noise:
+        return x_t
+    return x_t, philox_normal(x0.shape, seed, offset, dtype=x0.dtype, device=device, backend=backend)
+
+
+def philox_normal(shape, seed, offset=0, *, dtype=torch.float32, device=None, backend=None):
+    """Standard normal noise of `shape`: element i (row-major) is z(seed, offset + i).
+
+    The same (seed, offset) gives the same values on every backend and device (to the last
+    bits of log/cos/sin), and the same noise that ddim_step / ddpm_step / q_sample draw.
+    """
+    name = "philox_normal"
+    check_seed_offset(name, seed, offset)
+    shape = tuple(int(s) for s in shape)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"{name}: dtype must be a float dtype, got {dtype}")
+    choice = OP.resolve(device, backend)
+    if choice == "torch":
+        numel = math.prod(shape)
+        return philox_normal_reference(numel, seed, offset, device=device,
+                                       dtype=opmath_dtype(dtype)).reshape(shape).to(dtype)
+    # `like` carries shape, dtype and device only: an expanded scalar allocates nothing.
+    like = torch.empty((), dtype=dtype, device=device).expand(shape)
+    ops = torch.ops.patchddm_triton if choice == "triton" else torch.ops.patchddm
+    return ops.philox_normal(like, seed, offset)
+
+
+# -- fake kernels -------------------------------------------------------------------------------
+
+def fake_noise_update(x, eps, coef, clip, add_noise, seed, offset, want_x0):
+    x0 = torch.empty_like(x, memory_format=torch.contiguous_format) if want_x0 else x.new_empty((0,))
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x0
+
+
+def fake_noise_update_out(x, eps, coef, clip, add_noise, seed, offset, out, x0_out):
+    return None
+
+
+def fake_philox_normal(like, seed, offset):
+    return torch.empty(like.shape, dtype=like.dtype, device=like.device)
+
+
+if EXTENSION.loaded:
+    torch.library.register_fake("patchddm::noise_update")(fake_noise_update)
+    torch.library.register_fake("patchddm::noise_update_out")(fake_noise_update_out)
+    torch.library.register_fake("patchddm::philox_normal")(fake_philox_normal)
