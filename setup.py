@@ -94,7 +94,7 @@ def extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     debug = env_flag("PATCHDDM_DEBUG")
-    opt = ["-O0", "-g"] if debug else ["-O3"]
+    opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
     # TORCH_ASSERT_ONLY_METHOD_OPERATORS keeps each translation unit to the few ATen headers it
     # names, which roughly quarters the compile time of a file that includes torch headers.
     cxx = opt + ["-fopenmp", "-DTORCH_ASSERT_ONLY_METHOD_OPERATORS", "-Wall", "-Wno-unknown-pragmas"]
