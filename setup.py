@@ -105,7 +105,8 @@ def extensions():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     print(f"patchddm_fast: CUDA architectures {os.environ['TORCH_CUDA_ARCH_LIST']}")
     sources += sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
-    nvcc = opt + ["-lineinfo", "--expt-relaxed-constexpr"]
+    # nvcc rejects -g0 (its host debug flag is plain -g), so it gets only the -O level.
+    nvcc = [opt[0]] + (["-g"] if debug else []) + ["-lineinfo", "--expt-relaxed-constexpr"]
     return [CUDAExtension("patchddm_fast._C", sources,
                           define_macros=[("PATCHDDM_WITH_CUDA", None)],
                           extra_compile_args={"cxx": cxx, "nvcc": nvcc},
