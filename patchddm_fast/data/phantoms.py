@@ -2,7 +2,8 @@
 
 A phantom is a head (scalp, skull, a thin CSF layer), a brain with cortex (grey matter of
 varying thickness, CSF in sulci and in the interhemispheric fissure), white matter, deep grey
-nuclei and two lateral ventricles, and one or two gliomas: a necrotic core (label 1) inside an
+nuclei, two lateral ventricles, in most cases white-matter hyperintensities (a normal finding
+that looks like oedema in flair and t2), and one or two gliomas: a necrotic core (label 1) inside an
 enhancing rim (label 4) inside oedema (label 2), each an irregular blob of random size, shape,
 orientation and position. Tissues take per-sequence intensities that mimic real scans: CSF
 dark in t1 and flair, bright in t2; white matter brighter than grey in t1, darker in t2; the
@@ -13,7 +14,8 @@ intensity across the volume and the tumour is visible but not trivially separabl
 
 Everything is deterministic from (seed, case number), vectorised with numpy: smooth random
 fields are sums of Gaussian bumps, separable along the three axes, evaluated with three small
-matrix products (no full-volume convolution), and the tumour is computed in its bounding box.
+matrix products instead of full-volume convolutions, and each structure is computed in its
+bounding box.
 Anatomy scales with the grid: any shape works, 64^3 for quick runs, 240 x 240 x 155 as BraTS.
 Voxels are 1 mm unless `spacing` says otherwise; the affine is BraTS's (x and y flipped).
 """
@@ -213,7 +215,7 @@ def _anatomy(rng: np.random.Generator, shape, config: PhantomConfig) -> tuple[np
             region[inside] = kind
     if rng.uniform() < config.p_wm_lesions:
         _add_wm_lesions(rng, tissue, centre, semi, size)
-    geometry = dict(centre=centre, semi=semi, mean_radius=mean_radius, scale=scale)
+    geometry = dict(centre=centre, semi=semi, scale=scale)
     return tissue, geometry
 
 
@@ -331,7 +333,8 @@ def _render(rng, tissue: np.ndarray, config: PhantomConfig) -> np.ndarray:
 
 def generate_phantom(shape=(64, 64, 64), seed: int = 0, *, spacing=(1.0, 1.0, 1.0),
                      config: PhantomConfig = PhantomConfig()) -> Phantom:
-    """One synthetic case of the given grid shape, fully determined by `seed`."""
+    """One synthetic case of the given grid shape, fully determined by `seed` (an int or a
+    numpy SeedSequence, as case_seed gives)."""
     shape = tuple(int(n) for n in (shape if np.ndim(shape) else (shape,) * 3))
     if len(shape) != 3 or min(shape) < 16:
         raise ValueError(f"generate_phantom: shape must be 3 sizes of at least 16 voxels, got {shape}")

@@ -54,7 +54,7 @@ class Padding:
     def after(self) -> tuple[int, int, int]:
         return tuple(t - n - b for n, t, b in zip(self.original, self.target, self.before))
 
-    def _slices(self):
+    def overlap(self):
         """(slices into the original grid, slices into the target grid) of the shared region."""
         src, dst = [], []
         for n, t, b in zip(self.original, self.target, self.before):
@@ -77,7 +77,7 @@ class Padding:
         """array (..., *original) -> (..., *target), new cells set to fill."""
         self._check(array, self.original, "apply")
         out = self._filled(array, tuple(array.shape[:-3]) + self.target, fill)
-        src, dst = self._slices()
+        src, dst = self.overlap()
         out[dst] = array[src]
         return out
 
@@ -86,7 +86,7 @@ class Padding:
         was cropped; cropped-away cells come back as fill)."""
         self._check(array, self.target, "invert")
         out = self._filled(array, tuple(array.shape[:-3]) + self.original, fill)
-        src, dst = self._slices()
+        src, dst = self.overlap()
         out[src] = array[dst]
         return out
 
@@ -163,7 +163,7 @@ def prepare_raw(raw: RawCase, target=PAPER_VOLUME, *, percentiles=DEFAULT_PERCEN
     if tuple(image.shape) != shape:
         raise ValueError(f"prepare_raw: image_out has shape {tuple(image.shape)}, expected {shape}")
     image.fill_(PAD_VALUE)
-    src, dst = padding._slices()
+    src, dst = padding.overlap()
     for channel in range(len(SEQUENCES)):
         unit = normalise_sequence(raw.images[channel], percentiles)
         image[channel][dst] = torch.from_numpy(unit[src]).mul_(2.0).sub_(1.0)
