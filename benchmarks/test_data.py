@@ -13,7 +13,7 @@ Compared, per patch (group "patch"):
   original-memory    the original's path from a decoded case in memory: pad into a zero volume,
                      torch.cat the full-volume coordinate grid, crop, binarise the label
   original-disk      the same, reading the case from disk each time as the original does
-and per loader batch (group "loader"): ours cached through a DataLoader with 2 workers.
+and per loader batch (group "loader"): ours through a DataLoader with 2 workers, cached and not.
 Each result's extra_info holds patches_per_s. Items are timed in this process with one torch
 thread, as in a loader worker (PyTorch gives each worker one thread).
 """
@@ -130,10 +130,12 @@ def test_original_disk(benchmark, cases, sizes):
 
 
 @pytest.mark.benchmark(group="loader")
-def test_loader_cached_two_workers(benchmark, cases, sizes):
-    dataset = _dataset(cases, sizes, cache_bytes="auto")
-    dataset.preload()
-    batch, batches = 2, 4
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "uncached"])
+def test_loader_two_workers(benchmark, cases, sizes, cached):
+    dataset = _dataset(cases, sizes, cache_bytes="auto" if cached else 0)
+    if cached:
+        dataset.preload()
+    batch, batches = 2, (4 if cached else 1)
     loader = iter(make_patch_loader(dataset, batch, num_workers=2, pin_memory=torch.cuda.is_available()))
     next(loader)  # workers started
     benchmark.pedantic(lambda: [next(loader) for _ in range(batches)], rounds=5, warmup_rounds=1)

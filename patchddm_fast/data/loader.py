@@ -47,6 +47,30 @@ def available_memory() -> int:
     return 8 * 2**30
 
 
+def shared_memory_free() -> int | None:
+    """Free bytes of /dev/shm, which backs PyTorch's shared memory on Linux (containers often
+    give it only 64 MiB, and writing past it kills the process with SIGBUS); None elsewhere."""
+    try:
+        stats = os.statvfs("/dev/shm")
+    except (OSError, AttributeError):
+        return None
+    return stats.f_bavail * stats.f_frsize
+
+
+def cache_budget(cache_bytes: int | str) -> int:
+    """The cache's byte budget: "auto" = half the available RAM; never more than 90% of the
+    free shared memory (with a warning when an explicit budget is cut)."""
+    budget = available_memory() // 2 if cache_bytes == "auto" else int(cache_bytes)
+    shm = shared_memory_free()
+    if shm is not None and budget > 0.9 * shm:
+        if cache_bytes != "auto":
+            logger.warning("patchddm_fast: the volume cache gets %.1f GiB instead of %.1f GiB: /dev/shm has only "
+                           "%.1f GiB free (raise it, e.g. docker run --shm-size)", 0.9 * shm / 2**30,
+                           budget / 2**30, shm / 2**30)
+        budget = int(0.9 * shm)
+    return max(0, budget)
+
+
 def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised tensor in shared memory. Allocates the shared storage directly:
     share_memory_() on an ordinary tensor would copy it, which takes seconds per GiB."""
@@ -108,7 +132,8 @@ class PatchDataset(torch.utils.data.Dataset):
 
     cases: the cases to draw from (find_cases / split_cases);
     patch_shape, volume_shape: int or 3 ints (defaults: the paper's 128^3 of 256^3);
-    cache_bytes: RAM budget of the shared volume cache; "auto" = half the available RAM; 0 = off;
+    cache_bytes: RAM budget of the shared volume cache; "auto" = half the available RAM; 0 = off
+        (either way at most 90% of the free /dev/shm);
     with_label: read segmentations (training); x_t_channels: zero channels left for x_t.
     """
 
@@ -129,8 +154,8 @@ class PatchDataset(torch.utils.data.Dataset):
         self._order = (-1, None)
         image_shape = (len(SEQUENCES),) + self.volume_shape
         label_shape = self.volume_shape if with_label else None
-        budget = available_memory() // 2 if cache_bytes == "auto" else int(cache_bytes)
-        capacity = min(len(self.cases), max(0, budget) // VolumeCache.bytes_per_case(image_shape, label_shape))
+        per_case = VolumeCache.bytes_per_case(image_shape, label_shape)
+        capacity = min(len(self.cases), cache_budget(cache_bytes) // per_case)
         self.cache = VolumeCache(capacity, image_shape, label_shape) if capacity > 0 else None
 
     def __len__(self) -> int:

@@ -50,26 +50,33 @@ def _open(case_id: str, path: Path) -> nib.Nifti1Image:
 
 
 def _data(case_id: str, path: Path, image: nib.Nifti1Image, dtype) -> np.ndarray:
+    """The voxels as `dtype` (scaled by the header's slope and intercept), or in the stored
+    integer type when dtype is None and the file holds unscaled integers (labels)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            data = np.asarray(image.dataobj, dtype=dtype) if dtype is None else image.get_fdata(dtype=dtype)
+            data = np.asanyarray(image.dataobj) if dtype is None else image.get_fdata(dtype=dtype)
     except Exception as exc:  # truncated gzip (EOFError), bad zlib stream, short file (OSError) ...
         raise CaseError(case_id, f"cannot read the data of {path.name} ({type(exc).__name__}: {exc})", path) from None
     data = data.reshape(data.shape[:3])  # drops trailing singleton dimensions
-    if not np.all(np.isfinite(data)):
+    if data.dtype.kind == "f" and not np.all(np.isfinite(data)):
         raise CaseError(case_id, f"{path.name} holds NaN or infinite values", path)
     return data
 
 
 def _as_labels(case_id: str, path: Path, data: np.ndarray, notes: list[str]) -> np.ndarray:
-    rounded = np.rint(data)
-    if np.any(np.abs(rounded - data) > 1e-3):
-        notes.append(f"{path.name} holds non-integer values; rounded to the nearest label")
-    if rounded.min() < 0 or rounded.max() > 255:
-        raise CaseError(case_id, f"{path.name} is not a label map (values from {data.min()} to {data.max()})", path)
-    labels = rounded.astype(np.uint8)
-    unexpected = sorted(set(np.unique(labels).tolist()) - set(BRATS_LABELS))
+    if data.dtype.kind != "f":
+        rounded = data
+    else:  # resampled segmentations come as floats, sometimes a hair off the integers
+        rounded = np.rint(data)
+        if np.any(np.abs(rounded - data) > 1e-3):
+            notes.append(f"{path.name} holds non-integer values; rounded to the nearest label")
+    low, high = rounded.min(), rounded.max()
+    if low < 0 or high > 255:
+        raise CaseError(case_id, f"{path.name} is not a label map (values from {low} to {high})", path)
+    labels = rounded.astype(np.uint8, copy=False)
+    present = np.flatnonzero(np.bincount(labels.ravel(), minlength=256))
+    unexpected = sorted(set(present.tolist()) - set(BRATS_LABELS))
     if unexpected:
         notes.append(f"{path.name} holds labels {unexpected} besides BraTS's {list(BRATS_LABELS)}; "
                      "they count as tumour (label > 0)")

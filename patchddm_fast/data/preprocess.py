@@ -71,7 +71,8 @@ class Padding:
 
     def _check(self, array, expected, what):
         if tuple(array.shape[-3:]) != tuple(expected):
-            raise ValueError(f"Padding.{what}: expected an array ending in {tuple(expected)}, got shape {tuple(array.shape)}")
+            raise ValueError(f"Padding.{what}: expected an array ending in {tuple(expected)}, "
+                             f"got shape {tuple(array.shape)}")
 
     def apply(self, array, fill=0):
         """array (..., *original) -> (..., *target), new cells set to fill."""

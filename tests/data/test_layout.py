@@ -66,11 +66,13 @@ def test_one_case_folder_is_a_dataset(make_case):
 
 def test_quirks_are_handled_and_reported(make_case, tmp_path):
     make_case("BraTS20_Training_355", names={"seg": "W39_1998.09.19_Segm.nii"})
-    make_case("BraTS20_Training_010", names={"seg": "BraTS20_Training_010_Seg.nii.gz", "t2": "BraTS20_Training_010_t2.nii"})
+    make_case("BraTS20_Training_010",
+              names={"seg": "BraTS20_Training_010_Seg.nii.gz", "t2": "BraTS20_Training_010_t2.nii"})
     make_case("BraTS20_Training_011", skip=("t1ce",))  # missing sequence
     make_case("BraTS20_Training_012", skip=("seg",))  # missing label
     extra = make_case("BraTS20_Training_013")
-    (extra / "BraTS20_Training_013_brainmask.nii.gz").write_bytes((extra / "BraTS20_Training_013_t1.nii.gz").read_bytes())
+    t1_bytes = (extra / "BraTS20_Training_013_t1.nii.gz").read_bytes()
+    (extra / "BraTS20_Training_013_brainmask.nii.gz").write_bytes(t1_bytes)
     (extra / "BraTS20_Training_013_t1.nii").write_bytes(b"a second t1")
     cases, report = find_cases(tmp_path)
     ids = [c.case_id for c in cases]

@@ -110,6 +110,16 @@ def test_cache_gives_the_uncached_samples(phantom_cases):
     assert image.is_shared() and torch.equal(image, plain.volume(1)[0]) and torch.equal(label, plain.volume(1)[1])
 
 
+def test_cache_budget_respects_shared_memory(phantom_cases, monkeypatch):
+    from patchddm_fast.data import loader
+    per_case = (4 * 4 + 1) * 24 ** 3
+    monkeypatch.setattr(loader, "shared_memory_free", lambda: int(2.5 * per_case / 0.9))
+    assert PatchDataset(phantom_cases, patch_shape=8, volume_shape=24, cache_bytes=10**9).cache.capacity == 2
+    assert PatchDataset(phantom_cases, patch_shape=8, volume_shape=24, cache_bytes=per_case).cache.capacity == 1
+    monkeypatch.setattr(loader, "shared_memory_free", lambda: 0)
+    assert PatchDataset(phantom_cases, patch_shape=8, volume_shape=24).cache is None
+
+
 def test_unreadable_case_is_reported_and_skipped(phantom_cases):
     bad = phantom_cases[1].files["t2"]
     bad.write_bytes(gzip.compress(gzip.decompress(bad.read_bytes()))[:-100])
