@@ -134,7 +134,11 @@ class PatchDataset(torch.utils.data.Dataset):
     patch_shape, volume_shape: int or 3 ints (defaults: the paper's 128^3 of 256^3);
     cache_bytes: RAM budget of the shared volume cache; "auto" = half the available RAM; 0 = off
         (either way at most 90% of the free /dev/shm);
-    with_label: read segmentations (training); x_t_channels: zero channels left for x_t.
+    with_label: read segmentations (training; without, masks are zero); x_t_channels: zero
+        channels left for x_t.
+
+    `report` holds the problems met in this process; loader workers log theirs. preload()
+    (or one pass over the cases) finds unreadable cases up front.
     """
 
     def __init__(self, cases: Sequence[CaseFiles], *, patch_shape=PAPER_PATCH, volume_shape=PAPER_VOLUME,
