@@ -8,8 +8,9 @@ without materialising the coordinate grid.
 
 Every backend computes a coordinate as one IEEE division of two exact integers,
 (2j - (N - 1)) / (N - 1), in float32 (float64 for float64 data): the correctly rounded
-linspace value, bit-identical across backends and within half an ulp of 1 of torch.linspace
-(whose CPU and CUDA versions differ from each other by as much).
+linspace value, bit-identical across backends. torch.linspace accumulates steps instead (in
+a way that depends on the CPU's vector width and on the device); it differs from ours by at
+most 2^-24 here.
 """
 
 from __future__ import annotations
