@@ -22,13 +22,16 @@ def window_starts(size: int, window: int, overlap: int) -> list[int]:
 
 
 def _ramp(window: int, overlap: int, low_edge: bool, high_edge: bool) -> torch.Tensor:
-    """Weights along one axis: sin^2 rising over `overlap` voxels from each side that has a
-    neighbour (never reaching 0, so every voxel keeps a positive weight), 1 elsewhere."""
+    """Weights along one axis: 1, falling smoothly to nearly 0 over the `overlap` voxels of each
+    side that has a neighbouring window ((sin^2)^3: 1e-6 at the edge for an overlap of 8, 0.01
+    a quarter of the way in), so that the voxels whose prediction sees the window's zero
+    padding count least. Never exactly 0; where two windows overlap, one of them weighs at
+    least sin^6(pi/4) = 1/8 per axis, so the normalisation stays well conditioned."""
     weight = torch.ones(window, dtype=torch.float64)
     if overlap == 0:
         return weight
-    distance = torch.arange(window, dtype=torch.float64)
-    rise = torch.sin(0.5 * math.pi * (torch.minimum(distance, torch.tensor(overlap - 0.5)) + 0.5) / overlap) ** 2
+    distance = torch.arange(window, dtype=torch.float64).clamp(max=overlap - 0.5)
+    rise = torch.sin(0.5 * math.pi * (distance + 0.5) / overlap) ** 6
     if not low_edge:
         weight = torch.minimum(weight, rise)
     if not high_edge:
