@@ -232,6 +232,14 @@ class UNet3D(nn.Module):
                 self.output_blocks.append(block)
 
         self.out = OutputHead(ch, config.out_channels, groups, fused=fused, checkpoint=modes[0])
+        # As the original (guided-diffusion's zero_module): every ResBlock starts as the
+        # identity and the network predicts zero noise until trained.
+        for module in self.modules():
+            if isinstance(module, ResBlock):
+                nn.init.zeros_(module.out_layers[3].weight)
+                nn.init.zeros_(module.out_layers[3].bias)
+        nn.init.zeros_(self.out[2].weight)
+        nn.init.zeros_(self.out[2].bias)
         if channels_last:
             self.to(memory_format=torch.channels_last_3d)
 
