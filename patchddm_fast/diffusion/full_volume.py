@@ -393,14 +393,20 @@ def _module_tensors(model) -> list:
     return list(model.parameters()) + list(model.buffers())
 
 
+def _model_attribute(model, name: str):
+    """An attribute of the model or of its config (patchddm_fast.nn.UNet3D keeps them there)."""
+    value = getattr(model, name, None)
+    return value if value is not None else getattr(getattr(model, "config", None), name, None)
+
+
 def _model_image_channels(model) -> int:
-    in_channels = getattr(model, "in_channels", None)
+    in_channels = _model_attribute(model, "in_channels")
     return int(in_channels) - COORD_CHANNELS - XT_CHANNELS if in_channels is not None else 4
 
 
 def _model_size_multiple(model) -> int:
-    multiple = getattr(model, "size_multiple", None)
+    multiple = _model_attribute(model, "size_multiple")
     if multiple is not None:
         return int(multiple)
-    channel_mult = getattr(model, "channel_mult", None)
+    channel_mult = _model_attribute(model, "channel_mult")
     return 2 ** (len(channel_mult) - 1) if channel_mult is not None else 1
