@@ -202,10 +202,10 @@ class FullVolumeSampler:
             advice.append(f"tiled=True with a smaller tile_shape (a multiple of {self.size_multiple})")
         else:
             advice.append("a smaller tile_shape")
+        source = "the memory_budget" if self.memory_budget is not None else f"free {self.device.type} memory"
         return (f"FullVolumeSampler: one ensemble member on a {where} of {plan.window_shape} (padded volume "
                 f"{plan.padded_shape}, {self.precision}) needs about {format_bytes(need)}, but only "
-                f"{format_bytes(plan.available_bytes)} is available ({self.memory_fraction:.0%} of "
-                f"{'the memory_budget' if self.memory_budget is not None else 'free ' + self.device.type + ' memory'}). "
+                f"{format_bytes(plan.available_bytes)} is available ({self.memory_fraction:.0%} of {source}). "
                 f"Try {' or '.join(advice)}.")
 
     # -- sampling --------------------------------------------------------------------------------
@@ -230,8 +230,8 @@ class FullVolumeSampler:
         if getattr(self.model, "training", False):
             warnings.warn("FullVolumeSampler: the model is in training mode (dropout active, samples not "
                           "reproducible); call model.eval() first", stacklevel=2)
-        result_device = volume.device if isinstance(volume, torch.Tensor) else None
-        volume = self._check_volume(volume)
+        checked = self._check_volume(volume)
+        result_device, volume = volume.device, checked
         padded_volume = self._padded(volume)
         plan = self._plan(padded_volume, tuple(volume.shape[2:]), len(seeds))
 
@@ -339,7 +339,8 @@ class FullVolumeSampler:
             raise TypeError(f"{name}: the volume must be floating point, got {volume.dtype}")
         if volume.shape[1] != self.image_channels:
             raise ValueError(f"{name}: the volume has {volume.shape[1]} channels, but the model takes "
-                             f"{self.image_channels} image channels (then {COORD_CHANNELS} coordinate channels and x_t)")
+                             f"{self.image_channels} image channels (then {COORD_CHANNELS} coordinate channels "
+                             "and x_t)")
         if min(volume.shape[2:]) < 1:
             raise ValueError(f"{name}: the volume is empty, shape {tuple(volume.shape)}")
         finite = torch.isfinite(volume)

@@ -54,7 +54,8 @@ class Tiling:
         total = torch.zeros(self.shape, dtype=torch.float64)
         self.tiles = []
         for start in itertools.product(*per_axis):
-            ramps = [_ramp(w, o, s == 0, s + w == n) for s, w, o, n in zip(start, self.window, self.overlap, self.shape)]
+            ramps = [_ramp(w, o, s == 0, s + w == n)
+                     for s, w, o, n in zip(start, self.window, self.overlap, self.shape)]
             slices = tuple(slice(s, s + w) for s, w in zip(start, self.window))
             total[slices] += _outer(ramps)
             self.tiles.append((start, slices, [r.to(device=device, dtype=torch.float32) for r in ramps]))

@@ -51,8 +51,7 @@ def test_model_input_holds_full_volume_coordinates_and_one_buffer():
     model = Spy(size_multiple=4).eval()
     volume = _volume()
     _sampler(model, ensemble_size=2, member_bytes=1).sample(volume, seed=0)
-    probe_calls = len(seen) - 4  # the memory probe runs first unless member_bytes is given
-    assert probe_calls == 0
+    assert len(seen) == 4  # one call per step (member_bytes given: no memory probe)
     x = seen[0]
     assert x.shape == (2, 8, 16, 12, 8)
     coords = coord_encoding((16, 12, 8), (0, 0, 0), (16, 12, 8))
