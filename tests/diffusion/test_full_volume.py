@@ -73,20 +73,21 @@ def test_chunked_and_batched_ensembles_are_identical(scheduler):
             "ddpm": lambda: DDPMScheduler().set_timesteps(4)}[scheduler]
     volume = _volume()
     model = LocalConvModel(size_multiple=4, per_sample=True).eval()
-    batched = _sampler(model, scheduler=make(), ensemble_size=5).sample(volume, seed=7, keep_samples=True)
-    assert batched.plan.chunk_size == 5
-    for max_batch in (1, 2):
-        chunked = _sampler(model, scheduler=make(), ensemble_size=5, max_batch=max_batch).sample(
+    batched = _sampler(model, scheduler=make(), ensemble_size=4).sample(volume, seed=7, keep_samples=True)
+    assert batched.plan.chunk_size == 4
+    for max_batch in (1, 3):  # 3: chunks of 3 and 1
+        chunked = _sampler(model, scheduler=make(), ensemble_size=4, max_batch=max_batch).sample(
             volume, seed=7, keep_samples=True)
         assert chunked.plan.chunk_size == max_batch
         assert chunked.seeds == batched.seeds
         assert torch.equal(chunked.samples, batched.samples)
         assert torch.equal(chunked.mean, batched.mean) and torch.equal(chunked.std, batched.std)
-    # with a model whose float rounding depends on the batch size, only that rounding differs
-    plain = LocalConvModel(size_multiple=4).eval()
-    a = _sampler(plain, scheduler=make(), ensemble_size=5).sample(volume, seed=7)
-    b = _sampler(plain, scheduler=make(), ensemble_size=5, max_batch=2).sample(volume, seed=7)
-    torch.testing.assert_close(a.mean, b.mean, rtol=1e-4, atol=1e-4)
+    if scheduler == "ddim":
+        # with a model whose float rounding depends on the batch size, only that rounding differs
+        plain = LocalConvModel(size_multiple=4).eval()
+        a = _sampler(plain, scheduler=make(), ensemble_size=4).sample(volume, seed=7)
+        b = _sampler(plain, scheduler=make(), ensemble_size=4, max_batch=3).sample(volume, seed=7)
+        torch.testing.assert_close(a.mean, b.mean, rtol=1e-4, atol=1e-4)
 
 
 def test_statistics_and_seeds():
