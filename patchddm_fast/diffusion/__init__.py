@@ -1,0 +1,18 @@
+"""Diffusion for PatchDDM: noise schedules, the training loss, DDPM/DDIM schedulers and
+samplers (including the original PatchDDM DDIM, reproduced exactly), and the full-volume
+ensemble sampler with uncertainty maps. Every noise update runs through the fused ops of
+patchddm_fast.ops (ddim_step, ddpm_step, q_sample), writing into preallocated buffers.
+"""
+
+from .full_volume import FullVolumeSampler, SamplingPlan, SegmentationResult, VolumeTooLargeError, member_seeds
+from .loss import LossOutput, diffusion_loss, model_input_buffer, sample_timesteps
+from .sampling import ddim_sample, ddpm_sample, original_ddim_sample, sample_loop
+from .schedule import NoiseSchedule
+from .schedulers import DDIMScheduler, DDPMScheduler, StepOutput, inference_timesteps
+
+__all__ = [
+    "DDIMScheduler", "DDPMScheduler", "FullVolumeSampler", "LossOutput", "NoiseSchedule", "SamplingPlan",
+    "SegmentationResult", "StepOutput", "VolumeTooLargeError", "ddim_sample", "ddpm_sample", "diffusion_loss",
+    "inference_timesteps", "member_seeds", "model_input_buffer", "original_ddim_sample", "sample_loop",
+    "sample_timesteps",
+]

@@ -1,0 +1,86 @@
+"""Noise schedules: the betas of the forward process and every coefficient derived from them.
+
+All arrays are float64 CPU tensors, as in the original (guided-diffusion computes them in
+float64 numpy): the samplers read single values from them on the host and hand them to the
+fused noise-update ops, which apply them in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class NoiseSchedule:
+    """A discrete forward process with T steps, t = 0 .. T-1.
+
+    Attributes (float64 tensors of shape (T,)):
+        betas, alphas (1 - beta), alphas_cumprod (alpha_bar_t), alphas_cumprod_prev
+        (alpha_bar_{t-1}, 1 at t = 0), sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
+        posterior_variance (beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)),
+        posterior_mean_coef1 / coef2 (of x0 and x_t in the mean of q(x_{t-1} | x_t, x0)).
+    """
+
+    def __init__(self, betas, name: str = "custom"):
+        betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu().clone()
+        if betas.dim() != 1 or betas.numel() < 1:
+            raise ValueError(f"NoiseSchedule: betas must be a non-empty 1-D array, got shape {tuple(betas.shape)}")
+        if not bool(((betas > 0) & (betas < 1)).all()):
+            raise ValueError("NoiseSchedule: every beta must lie in (0, 1) (NaN is invalid)")
+        self.name = name
+        self.betas = betas
+        self.alphas = 1.0 - betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
+        self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()
+        self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1.0 - self.alphas_cumprod)
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.betas.numel()
+
+    def __len__(self) -> int:
+        return self.num_timesteps
+
+    def __repr__(self) -> str:
+        return f"NoiseSchedule({self.name!r}, T={self.num_timesteps})"
+
+    def alpha_bar(self, timesteps) -> torch.Tensor:
+        """alpha_bar at integer timesteps (an int, a list or a tensor), as float64 CPU values."""
+        index = torch.as_tensor(timesteps, dtype=torch.int64).cpu()
+        if bool(((index < 0) | (index >= self.num_timesteps)).any()):
+            raise ValueError(f"timesteps must lie in [0, {self.num_timesteps}), got {index.tolist()}")
+        return self.alphas_cumprod[index]
+
+    @classmethod
+    def linear(cls, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> "NoiseSchedule":
+        """Betas evenly spaced from beta_start to beta_end (Ho et al. 2020; PatchDDM's schedule)."""
+        _check_steps(num_timesteps)
+        return cls(torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64), "linear")
+
+    @classmethod
+    def cosine(cls, num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> "NoiseSchedule":
+        """Nichol & Dhariwal (2021): alpha_bar(t) = f(t) / f(0), f(t) = cos((t/T + s) / (1 + s) * pi/2)^2,
+        betas = 1 - alpha_bar(t+1) / alpha_bar(t), capped at max_beta (the end of the schedule)."""
+        _check_steps(num_timesteps)
+        grid = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+        f = torch.cos((grid + s) / (1 + s) * math.pi / 2) ** 2
+        betas = (1 - f[1:] / f[:-1]).clamp(max=max_beta)
+        return cls(betas, "cosine")
+
+    @classmethod
+    def from_name(cls, name: str, num_timesteps: int = 1000) -> "NoiseSchedule":
+        if name == "linear":
+            return cls.linear(num_timesteps)
+        if name == "cosine":
+            return cls.cosine(num_timesteps)
+        raise ValueError(f"unknown beta schedule {name!r}; expected 'linear' or 'cosine'")
+
+
+def _check_steps(num_timesteps) -> None:
+    if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 1:
+        raise ValueError(f"num_timesteps must be a positive int, got {num_timesteps!r}")

@@ -1,0 +1,70 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from patchddm_fast.diffusion import NoiseSchedule
+
+
+def test_linear_schedule_closed_form():
+    s = NoiseSchedule.linear()
+    assert s.num_timesteps == 1000 and s.betas.dtype == torch.float64
+    betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
+    np.testing.assert_allclose(s.betas.numpy(), betas, rtol=0, atol=1e-17)
+    alphas_cumprod = np.cumprod(1 - betas)
+    np.testing.assert_allclose(s.alphas_cumprod.numpy(), alphas_cumprod, rtol=1e-14)
+    prev = np.append(1.0, alphas_cumprod[:-1])
+    np.testing.assert_allclose(s.alphas_cumprod_prev.numpy(), prev, rtol=1e-14)
+    np.testing.assert_allclose(s.sqrt_one_minus_alphas_cumprod.numpy(), np.sqrt(1 - alphas_cumprod), rtol=1e-13)
+    np.testing.assert_allclose(s.posterior_variance.numpy(), betas * (1 - prev) / (1 - alphas_cumprod), rtol=1e-13)
+    np.testing.assert_allclose(s.posterior_mean_coef1.numpy(), betas * np.sqrt(prev) / (1 - alphas_cumprod), rtol=1e-13)
+    np.testing.assert_allclose(s.posterior_mean_coef2.numpy(),
+                               (1 - prev) * np.sqrt(1 - betas) / (1 - alphas_cumprod), rtol=1e-13)
+    assert s.posterior_variance[0] == 0  # q(x_{-1} | x_0, x0) is exact
+
+
+def test_posterior_mean_is_the_bayes_combination():
+    # q(x_{t-1} | x_t, x0) ∝ q(x_t | x_{t-1}) q(x_{t-1} | x0): its precision and mean in closed form
+    s = NoiseSchedule.linear()
+    for t in (1, 10, 500, 999):
+        beta, ab_prev = float(s.betas[t]), float(s.alphas_cumprod_prev[t])
+        precision = (1 - beta) / beta + 1 / (1 - ab_prev)
+        assert math.isclose(1 / precision, float(s.posterior_variance[t]), rel_tol=1e-12)
+        coef_xt = math.sqrt(1 - beta) / beta / precision
+        coef_x0 = math.sqrt(ab_prev) / (1 - ab_prev) / precision
+        assert math.isclose(coef_xt, float(s.posterior_mean_coef2[t]), rel_tol=1e-12)
+        assert math.isclose(coef_x0, float(s.posterior_mean_coef1[t]), rel_tol=1e-12)
+
+
+def test_cosine_schedule_closed_form():
+    T, s_ = 1000, 0.008
+    s = NoiseSchedule.cosine(T)
+    f = lambda t: math.cos((t / T + s_) / (1 + s_) * math.pi / 2) ** 2  # noqa: E731
+    for t in (0, 1, 250, 500, 900):
+        assert math.isclose(float(s.alphas_cumprod[t]), f(t + 1) / f(0), rel_tol=1e-10)
+    assert float(s.betas.max()) <= 0.999 and float(s.betas[-1]) == pytest.approx(0.999)
+    assert bool((s.alphas_cumprod[1:] < s.alphas_cumprod[:-1]).all())
+
+
+def test_from_name_and_alpha_bar_lookup():
+    s = NoiseSchedule.from_name("linear", 50)
+    assert len(s) == 50 and float(s.betas[-1]) == pytest.approx(0.02)
+    assert NoiseSchedule.from_name("cosine").name == "cosine"
+    assert s.alpha_bar([0, 49]).tolist() == [float(s.alphas_cumprod[0]), float(s.alphas_cumprod[49])]
+    with pytest.raises(ValueError, match="timesteps must lie in"):
+        s.alpha_bar(50)
+    with pytest.raises(ValueError, match="unknown beta schedule"):
+        NoiseSchedule.from_name("quadratic")
+
+
+@pytest.mark.parametrize("betas,match", [([], "non-empty"), ([0.1, 1.0], r"\(0, 1\)"), ([0.1, float("nan")], "NaN"),
+                                         ([[0.1]], "1-D")])
+def test_bad_betas(betas, match):
+    with pytest.raises(ValueError, match=match):
+        NoiseSchedule(betas)
+
+
+def test_bad_step_count():
+    with pytest.raises(ValueError, match="positive int"):
+        NoiseSchedule.linear(0)

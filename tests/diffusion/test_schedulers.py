@@ -1,0 +1,189 @@
+import math
+
+import pytest
+import torch
+
+from patchddm_fast.diffusion import DDIMScheduler, DDPMScheduler, NoiseSchedule, StepOutput, inference_timesteps
+from patchddm_fast.ops import philox_normal, q_sample
+
+SCHEDULE = NoiseSchedule.linear()
+AB = SCHEDULE.alphas_cumprod
+SHAPE = (2, 1, 3, 4, 5)
+# The ops apply their coefficients in float32 (float64 data included): compare at 1e-6.
+
+
+def _inputs(scale=1.0):
+    x = torch.randn(SHAPE, dtype=torch.float64) * scale
+    eps = torch.randn(SHAPE, dtype=torch.float64)
+    return x, eps
+
+
+def _ddim_closed_form(x, eps, ab_t, ab_prev, eta, clip, z):
+    x0 = (x - math.sqrt(1 - ab_t) * eps) / math.sqrt(ab_t)
+    if clip:
+        x0 = x0.clamp(-1, 1)
+        eps = (x - math.sqrt(ab_t) * x0) / math.sqrt(1 - ab_t)
+    sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev))
+    return math.sqrt(ab_prev) * x0 + math.sqrt(1 - ab_prev - sigma**2) * eps + sigma * z, x0
+
+
+@pytest.mark.parametrize("steps", [1, 3, 20, 1000])
+def test_set_timesteps_linspace(steps):
+    s = DDIMScheduler().set_timesteps(steps)
+    # round(999 * (1 - k / (steps - 1))), ties to even (there are ties only for 3 steps: 499.5 -> 500)
+    expected = [999] if steps == 1 else [round(999 * (1 - k / (steps - 1))) for k in range(steps)]
+    assert s.timesteps.tolist() == expected
+    assert s.timesteps.dtype == torch.int64 and s.num_inference_steps == steps
+    if steps == 3:
+        assert expected == [999, 500, 0]
+    if steps == 1000:
+        assert expected == list(range(999, -1, -1))
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+@pytest.mark.parametrize("steps", [1, 3, 20, 1000])
+def test_other_spacings(spacing, steps):
+    t = inference_timesteps(1000, steps, spacing).tolist()
+    assert len(t) == steps and len(set(t)) == steps and t == sorted(t, reverse=True)
+    assert 0 <= t[-1] and t[0] <= 999
+    if spacing == "leading":
+        assert t[-1] == 0 and t[0] == (steps - 1) * (1000 // steps)
+    else:
+        assert t[0] == 999
+
+
+def test_set_timesteps_rejects_bad_counts():
+    for bad in (0, 1001, 2.5, True):
+        with pytest.raises(ValueError, match="num_inference_steps"):
+            DDIMScheduler().set_timesteps(bad)
+    with pytest.raises(ValueError, match="timestep_spacing"):
+        DDIMScheduler(timestep_spacing="uniform")
+
+
+@pytest.mark.parametrize("set_alpha_to_one", [False, True])
+@pytest.mark.parametrize("clip", [False, True])
+def test_ddim_step_eta0_closed_form(clip, set_alpha_to_one):
+    s = DDIMScheduler(eta=0.0, clip_sample=clip, set_alpha_to_one=set_alpha_to_one).set_timesteps(4)
+    times = s.timesteps.tolist()
+    assert times == [999, 666, 333, 0]
+    for t, prev in zip(times, times[1:] + [None]):
+        x, eps = _inputs(scale=1.5)
+        ab_prev = float(AB[prev]) if prev is not None else (1.0 if set_alpha_to_one else float(AB[0]))
+        out = s.step(eps, t, x)
+        expected, x0 = _ddim_closed_form(x, eps, float(AB[t]), ab_prev, 0.0, clip, 0.0)
+        # x0 = (x - sqrt(1 - ab) eps) / sqrt(ab) cancels terms of size |x| / sqrt(ab)
+        atol = 1e-6 * float(x.abs().max() + eps.abs().max()) / math.sqrt(float(AB[t]))
+        torch.testing.assert_close(out.prev_sample, expected, rtol=1e-6, atol=atol)
+        torch.testing.assert_close(out.pred_x0, x0, rtol=1e-6, atol=atol)
+
+
+@pytest.mark.parametrize("eta", [0.5, 1.0])
+def test_ddim_step_eta_positive_closed_form(eta):
+    s = DDIMScheduler(eta=eta, clip_sample=True).set_timesteps(20)
+    t = int(s.timesteps[5])
+    prev = int(s.timesteps[6])
+    x, eps = _inputs()
+    out = s.step(eps, t, x, seed=123, offset=77)
+    z = philox_normal(SHAPE, 123, 77, dtype=torch.float64)
+    expected, _ = _ddim_closed_form(x, eps, float(AB[t]), float(AB[prev]), eta, True, z)
+    torch.testing.assert_close(out.prev_sample, expected, rtol=1e-6, atol=1e-6)
+    # same seed and offset: same noise; another offset: other noise
+    assert torch.equal(s.step(eps, t, x, seed=123, offset=77).prev_sample, out.prev_sample)
+    assert not torch.allclose(s.step(eps, t, x, seed=123, offset=78).prev_sample, out.prev_sample)
+    # eta = 1 over one training step is the DDPM posterior with fixed_small variance
+    if eta == 1.0:
+        ddpm = DDPMScheduler(clip_sample=True).set_timesteps(20)
+        torch.testing.assert_close(ddpm.step(eps, t, x, seed=123, offset=77).prev_sample, out.prev_sample)
+
+
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
+def test_ddpm_step_closed_form(variance):
+    s = DDPMScheduler(variance_type=variance, clip_sample=False)  # all 1000 steps by default
+    assert s.num_inference_steps == 1000
+    for t in (999, 500, 1):
+        x, eps = _inputs()
+        out = s.step(eps, t, x, seed=5, offset=0)
+        x0 = (x - SCHEDULE.sqrt_one_minus_alphas_cumprod[t] * eps) / SCHEDULE.sqrt_alphas_cumprod[t]
+        mean = SCHEDULE.posterior_mean_coef1[t] * x0 + SCHEDULE.posterior_mean_coef2[t] * x
+        var = SCHEDULE.posterior_variance[t] if variance == "fixed_small" else SCHEDULE.betas[t]
+        expected = mean + var.sqrt() * philox_normal(SHAPE, 5, 0, dtype=torch.float64)
+        torch.testing.assert_close(out.prev_sample, expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(out.pred_x0, x0, rtol=1e-6, atol=1e-6)
+    # the last step returns the predicted x0 (clipped), without noise
+    x, eps = _inputs(scale=3)
+    clipping = DDPMScheduler(clip_sample=True)
+    out = clipping.step(eps, 0, x, seed=5)
+    x0 = ((x - SCHEDULE.sqrt_one_minus_alphas_cumprod[0] * eps) / SCHEDULE.sqrt_alphas_cumprod[0]).clamp(-1, 1)
+    torch.testing.assert_close(out.prev_sample, x0, rtol=1e-6, atol=1e-6)
+
+
+def test_ddpm_respaced_step_uses_the_jump_beta():
+    s = DDPMScheduler(clip_sample=False).set_timesteps(3)  # 999 -> 500 -> 0
+    x, eps = _inputs()
+    ab_t, ab_prev = float(AB[500]), float(AB[0])
+    beta = 1 - ab_t / ab_prev
+    x0 = (x - math.sqrt(1 - ab_t) * eps) / math.sqrt(ab_t)
+    mean = beta * math.sqrt(ab_prev) / (1 - ab_t) * x0 + (1 - ab_prev) * math.sqrt(1 - beta) / (1 - ab_t) * x
+    sigma = math.sqrt(beta * (1 - ab_prev) / (1 - ab_t))
+    expected = mean + sigma * philox_normal(SHAPE, 9, 0, dtype=torch.float64)
+    torch.testing.assert_close(s.step(eps, 500, x, seed=9).prev_sample, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_step_output_and_writing_into_a_buffer_channel():
+    s = DDIMScheduler().set_timesteps(5)
+    buffer = torch.randn(2, 8, 4, 4, 4)
+    before = buffer.clone()
+    eps = torch.randn(2, 1, 4, 4, 4)
+    expected = s.step(eps, 749, buffer[:, 7:8].clone())
+    result = s.step(eps, 749, buffer[:, 7:8], out=buffer[:, 7:8])
+    assert isinstance(result, StepOutput)
+    prev, x0 = result  # unpacks like MONAI's tuple
+    assert prev.data_ptr() == buffer[:, 7:8].data_ptr() and x0 is result.pred_original_sample
+    torch.testing.assert_close(buffer[:, 7:8], expected.prev_sample)
+    assert torch.equal(buffer[:, :7], before[:, :7])  # the condition channels are untouched
+
+
+def test_model_output_in_another_dtype_is_cast():
+    s = DDIMScheduler().set_timesteps(5)
+    x = torch.randn(1, 1, 4, 4, 4)
+    eps = torch.randn(1, 1, 4, 4, 4)
+    out = s.step(eps.bfloat16(), 999, x).prev_sample
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, s.step(eps.bfloat16().float(), 999, x).prev_sample)
+
+
+def test_add_noise_matches_q_sample():
+    s = DDPMScheduler()
+    x0 = torch.randn(3, 1, 4, 5, 6)
+    t = torch.tensor([0, 321, 999])
+    noise = philox_normal(x0.shape, 42, 0)
+    explicit = s.add_noise(x0, noise, t)
+    fused = s.add_noise(x0, None, t, seed=42)
+    reference, _ = q_sample(x0, AB[t], seed=42)
+    torch.testing.assert_close(explicit, fused, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fused, reference, rtol=0, atol=0)
+    closed = AB[t].sqrt().view(-1, 1, 1, 1, 1) * x0.double() + (1 - AB[t]).sqrt().view(-1, 1, 1, 1, 1) * noise.double()
+    torch.testing.assert_close(explicit.double(), closed, rtol=1e-6, atol=1e-6)
+
+
+def test_bad_step_arguments():
+    s = DDIMScheduler().set_timesteps(5)
+    x = torch.randn(1, 1, 4, 4, 4)
+    with pytest.raises(ValueError, match="timestep 998 is not one of the 5 timesteps"):
+        s.step(x, 998, x)
+    with pytest.raises(ValueError, match=r"model_output has shape \(1, 2, 4, 4, 4\)"):
+        s.step(torch.randn(1, 2, 4, 4, 4), 999, x)
+    with pytest.raises(ValueError, match="eta must be >= 0"):
+        DDIMScheduler(eta=-0.1)
+    with pytest.raises(ValueError, match="variance_type"):
+        DDPMScheduler(variance_type="learned")
+    with pytest.raises(ValueError, match="noise has shape"):
+        s.add_noise(x, torch.randn(2, 1, 4, 4, 4), 3)
+
+
+def test_cosine_schedule_drives_the_scheduler():
+    s = DDIMScheduler(beta_schedule="cosine").set_timesteps(3)
+    x, eps = _inputs()
+    cos = NoiseSchedule.cosine().alphas_cumprod
+    expected, _ = _ddim_closed_form(x, eps, float(cos[500]), float(cos[0]), 0.0, True, 0.0)
+    torch.testing.assert_close(s.step(eps, 500, x).prev_sample, expected, rtol=1e-6, atol=1e-6)
