@@ -32,7 +32,7 @@
 #include <tuple>
 #include <vector>
 
-#include "../checks.h"
+#include "../group_norm_silu_args.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define PATCHDDM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -266,56 +266,12 @@ std::vector<A> values_or(const std::optional<at::Tensor>& t, int64_t n, A fill) 
   return std::vector<A>(p, p + n);
 }
 
-// -- checks -----------------------------------------------------------------------------------
-
-struct Dims {
-  int64_t batch, channels, spatial, groups;
-  int64_t per_group() const { return channels / groups; }
-};
-
-Dims check_dims(const char* op, const at::Tensor& x, int64_t groups) {
-  check_float(op, "x", x);
-  TORCH_CHECK(x.dim() >= 2, op, ": x must have at least 2 dimensions (batch, channels, ...), got shape ",
-              x.sizes());
-  check_contiguous(op, "x", x);
-  const int64_t batch = x.size(0), channels = x.size(1);
-  TORCH_CHECK(groups > 0 && channels % groups == 0, op, ": groups=", groups,
-              " must be a positive divisor of the ", channels, " channels of x (shape ", x.sizes(), ")");
-  const int64_t spatial = batch * channels == 0 ? 0 : x.numel() / (batch * channels);
-  return {batch, channels, spatial, groups};
-}
-
-void check_param(const char* op, const char* name, const std::optional<at::Tensor>& t,
-                 const at::Tensor& x, at::IntArrayRef shape) {
-  if (!t.has_value()) return;
-  check_float(op, name, *t);
-  check_same_device(op, name, *t, x);
-  TORCH_CHECK(t->sizes() == shape, op, ": ", name, " has shape ", t->sizes(), ", expected ", shape);
-}
-
-void check_like_x(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
-  check_same_device(op, name, t, x);
-  check_same_dtype(op, name, t, x);
-  check_same_shape(op, name, t, x);
-  check_contiguous(op, name, t);
-}
-
-void check_stats(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
-                 const Dims& d) {
-  check_same_device(op, name, t, x);
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(t.scalar_type() == acc, op, ": ", name, " has dtype ", t.scalar_type(), ", expected ", acc);
-  TORCH_CHECK(t.sizes() == at::IntArrayRef({d.batch, d.groups}), op, ": ", name, " has shape ",
-              t.sizes(), ", expected (", d.batch, ", ", d.groups, ")");
-  check_contiguous(op, name, t);
-}
-
 // -- forward ----------------------------------------------------------------------------------
 
 template <typename T>
 void forward_impl(const at::Tensor& x, const std::optional<at::Tensor>& skip,
                   const std::optional<at::Tensor>& add, const std::optional<at::Tensor>& weight,
-                  const std::optional<at::Tensor>& bias, const Dims& d, double eps, at::Tensor& y,
+                  const std::optional<at::Tensor>& bias, const GroupNormDims& d, double eps, at::Tensor& y,
                   at::Tensor& average, at::Tensor& mean, at::Tensor& rstd) {
   using E = Elem<T>;
   using acc = typename E::acc;
@@ -394,19 +350,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_forwa
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, int64_t groups,
     double eps) {
   constexpr const char* op = "patchddm::group_norm_silu_forward";
-  const Dims d = check_dims(op, x, groups);
+  const GroupNormDims d = check_group_norm_input(op, "x", x, groups);
   TORCH_CHECK(eps > 0, op, ": eps must be positive, got ", eps);
-  if (skip.has_value()) check_like_x(op, "skip", *skip, x);
-  check_param(op, "add", add, x, {d.batch, d.channels});
-  check_param(op, "weight", weight, x, {d.channels});
-  check_param(op, "bias", bias, x, {d.channels});
+  if (skip.has_value()) check_group_norm_like(op, "skip", *skip, x);
+  check_group_norm_params(op, d, x, add, weight, bias);
 
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = group_norm_acc_type(x);
   at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
   at::Tensor average = skip.has_value() ? at::empty_like(x, at::MemoryFormat::Contiguous)
                                         : at::empty({0}, x.options());
   at::Tensor mean = at::empty({d.batch, d.groups}, x.options().dtype(acc));
   at::Tensor rstd = at::empty({d.batch, d.groups}, x.options().dtype(acc));
+  if (x.numel() == 0) {  // empty groups: statistics of nothing, as the other backends
+    mean.zero_();
+    rstd.fill_(1.0 / std::sqrt(eps));
+    return {y, average, mean, rstd};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_silu_forward_cpu", [&] {
     forward_impl<scalar_t>(x, skip, add, weight, bias, d, eps, y, average, mean, rstd);
   });
@@ -419,7 +378,7 @@ template <typename T>
 void backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_average,
                    const at::Tensor& input, const std::optional<at::Tensor>& add,
                    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-                   const at::Tensor& mean, const at::Tensor& rstd, const Dims& d, double input_scale,
+                   const at::Tensor& mean, const at::Tensor& rstd, const GroupNormDims& d, double input_scale,
                    at::Tensor& grad_input, at::Tensor& grad_add, at::Tensor& grad_weight,
                    at::Tensor& grad_bias) {
   using E = Elem<T>;
@@ -514,16 +473,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backw
     const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& rstd,
     int64_t groups, double input_scale) {
   constexpr const char* op = "patchddm::group_norm_silu_backward";
-  const Dims d = check_dims(op, input, groups);
-  check_like_x(op, "grad_out", grad_out, input);
-  if (grad_average.has_value()) check_like_x(op, "grad_average", *grad_average, input);
-  check_param(op, "add", add, input, {d.batch, d.channels});
-  check_param(op, "weight", weight, input, {d.channels});
-  check_param(op, "bias", bias, input, {d.channels});
-  check_stats(op, "mean", mean, input, d);
-  check_stats(op, "rstd", rstd, input, d);
+  const GroupNormDims d = check_group_norm_input(op, "input", input, groups);
+  check_group_norm_like(op, "grad_out", grad_out, input);
+  if (grad_average.has_value()) check_group_norm_like(op, "grad_average", *grad_average, input);
+  check_group_norm_params(op, d, input, add, weight, bias);
+  check_group_norm_stats(op, "mean", mean, input, d);
+  check_group_norm_stats(op, "rstd", rstd, input, d);
 
-  const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = group_norm_acc_type(input);
   const auto acc_options = input.options().dtype(acc);
   at::Tensor grad_input = at::empty_like(input, at::MemoryFormat::Contiguous);
   at::Tensor grad_add = at::empty(add.has_value() ? at::IntArrayRef({d.batch, d.channels}) : at::IntArrayRef({0}), acc_options);
