@@ -99,11 +99,11 @@ def fake_forward(x, skip, add, weight, bias, groups, eps):
 
 def fake_backward(grad_out, grad_average, input, add, weight, bias, mean, rstd, groups, input_scale):
     acc = opmath_dtype(input.dtype)
-    empty = input.new_empty((0,), dtype=acc)
-    return (torch.empty_like(input),
-            input.new_empty(add.shape, dtype=acc) if add is not None else empty,
-            input.new_empty(weight.shape, dtype=acc) if weight is not None else empty,
-            input.new_empty(bias.shape, dtype=acc) if bias is not None else empty)
+
+    def like(param):  # a separate empty tensor per absent gradient: outputs must not alias
+        return input.new_empty(param.shape if param is not None else (0,), dtype=acc)
+
+    return torch.empty_like(input), like(add), like(weight), like(bias)
 
 
 def register_autograd(forward_qualname: str, backward_op) -> None:
