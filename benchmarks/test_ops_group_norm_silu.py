@@ -78,6 +78,9 @@ def _function(impl: str):
     if impl == "eager":
         return eager_norm_act
     if impl == "compile":
+        # Every case, mode and thread count compiles the same function anew: without a reset
+        # they pile up on one code object until Dynamo's recompile limit stops them.
+        torch._dynamo.reset()
         return torch.compile(eager_norm_act, fullgraph=True)
 
     def ours(x, weight, bias, groups, add, skip):

@@ -12,7 +12,8 @@
 // across tiles. Channel statistics then combine per group (adding `add`, a per-channel
 // constant, moves only the channel mean). Pass 2 writes y = silu(a * A[b,c] + B[b,c]).
 // Backward: pass 1 recomputes z from a and the saved mean/rstd and reduces dz = dy * silu'(z)
-// and dz * xhat per chunk; pass 2 writes grad_input from those group sums.
+// and dz * xhat per chunk (float and double keep dz in grad_input's buffer); pass 2 writes
+// grad_input from those group sums.
 //
 // The element loops are plain loops that GCC vectorises; on x86-64 each is compiled for
 // AVX-512, AVX2 and baseline SSE2 (target_clones) and the loader picks the best the CPU has.
@@ -30,6 +31,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../group_norm_silu_args.h"
@@ -169,10 +171,17 @@ PATCHDDM_INLINE typename Elem<T>::acc grad_z(typename Elem<T>::acc dy, typename 
   return dy * sig * (acc(1) + z * (acc(1) - sig));
 }
 
-// Sums over a span of dz, dz * xhat and xhat (the last only matters for grad_add).
+// Float and double store their arithmetic values, so the backward can keep dz in grad_input's
+// buffer between its passes instead of computing the sigmoid twice.
 template <typename T>
+constexpr bool kKeepsDz = std::is_same_v<typename Elem<T>::storage, typename Elem<T>::acc>;
+
+// Sums over a span of dz, dz * xhat and xhat (the last only matters for grad_add); with KEEP,
+// dz is also written to dz_out.
+template <typename T, bool KEEP>
 PATCHDDM_CLONES void grad_stats_span(const typename Elem<T>::storage* __restrict dy,
-                                     const typename Elem<T>::storage* __restrict a, int64_t n,
+                                     const typename Elem<T>::storage* __restrict a,
+                                     typename Elem<T>::acc* __restrict dz_out, int64_t n,
                                      typename Elem<T>::acc rstd, typename Elem<T>::acc q,
                                      typename Elem<T>::acc w, typename Elem<T>::acc b,
                                      double* __restrict sums) {
@@ -186,6 +195,7 @@ PATCHDDM_CLONES void grad_stats_span(const typename Elem<T>::storage* __restrict
     for (int64_t i = t0; i < t1; ++i) {
       const acc xhat = E::load(a[i]) * rstd + q;
       const acc dz = grad_z<T>(E::load(dy[i]), xhat * w + b);
+      if constexpr (KEEP) dz_out[i] = dz;
       s1 += dz;
       s2 += dz * xhat;
       s0 += xhat;
@@ -197,6 +207,26 @@ PATCHDDM_CLONES void grad_stats_span(const typename Elem<T>::storage* __restrict
   sums[0] = sum_dz;
   sums[1] = sum_dz_xhat;
   sums[2] = sum_xhat;
+}
+
+// grad = scale_in * (c1 * dz + c2 * xhat + c3 + grad_average), in place over the kept dz.
+template <typename T>
+PATCHDDM_CLONES void grad_apply_kept_span(const typename Elem<T>::storage* __restrict a,
+                                          const typename Elem<T>::storage* __restrict grad_avg,
+                                          typename Elem<T>::acc* __restrict grad, int64_t n,
+                                          typename Elem<T>::acc rstd, typename Elem<T>::acc q,
+                                          typename Elem<T>::acc c1, typename Elem<T>::acc c2,
+                                          typename Elem<T>::acc c3, typename Elem<T>::acc scale_in) {
+  using acc = typename Elem<T>::acc;
+  if (grad_avg != nullptr) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      grad[i] = scale_in * (c1 * grad[i] + c2 * (static_cast<acc>(a[i]) * rstd + q) + c3 + grad_avg[i]);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) grad[i] = scale_in * (c1 * grad[i] + c2 * (static_cast<acc>(a[i]) * rstd + q) + c3);
+  }
 }
 
 // grad_input = scale_in * (c1 * dz + c2 * xhat + c3 + grad_average).
@@ -400,13 +430,16 @@ void backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
     q[bc] = static_cast<acc>((add_v[bc] - static_cast<double>(mean_p[bg])) * static_cast<double>(rstd_p[bg]));
   }
 
-  // Pass 1: per-chunk sums of dz, dz * xhat and xhat.
+  // Pass 1: per-chunk sums of dz, dz * xhat and xhat; dz kept in grad_input where it fits.
+  auto* gip = mutable_storage_ptr<T>(grad_input);
+  acc* kept = kKeepsDz<T> ? reinterpret_cast<acc*>(gip) : nullptr;
   const Units units(bc_count, S);
   std::vector<double> sums(units.count() * 3);
   at::parallel_for(0, units.count(), units.grain(), [&](int64_t begin, int64_t end) {
     units.for_each(begin, end, [&](int64_t u, int64_t bc, int64_t offset, int64_t len) {
       const int64_t c = bc % d.channels;
-      grad_stats_span<T>(dyp + offset, ap + offset, len, rstd_p[bc / Cg], q[bc], w[c], b[c], &sums[u * 3]);
+      grad_stats_span<T, kKeepsDz<T>>(dyp + offset, ap + offset, kKeepsDz<T> ? kept + offset : nullptr, len, rstd_p[bc / Cg], q[bc], w[c],
+                                      b[c], &sums[u * 3]);
     });
   });
   std::vector<double> s_dz(bc_count, 0.0), s_dzx(bc_count, 0.0), s_x(bc_count, 0.0);
@@ -456,13 +489,17 @@ void backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
   }
 
   // Pass 2: grad_input.
-  auto* gip = mutable_storage_ptr<T>(grad_input);
   const acc scale_in = static_cast<acc>(input_scale);
   at::parallel_for(0, units.count(), units.grain(), [&](int64_t begin, int64_t end) {
     units.for_each(begin, end, [&](int64_t, int64_t bc, int64_t offset, int64_t len) {
       const int64_t c = bc % d.channels;
-      grad_apply_span<T>(dyp + offset, ap + offset, gap ? gap + offset : nullptr, gip + offset, len,
-                         rstd_p[bc / Cg], q[bc], w[c], b[c], c1[bc], c2[bc], c3[bc], scale_in);
+      if constexpr (kKeepsDz<T>) {
+        grad_apply_kept_span<T>(ap + offset, gap ? gap + offset : nullptr, kept + offset, len, rstd_p[bc / Cg],
+                                q[bc], c1[bc], c2[bc], c3[bc], scale_in);
+      } else {
+        grad_apply_span<T>(dyp + offset, ap + offset, gap ? gap + offset : nullptr, gip + offset, len,
+                           rstd_p[bc / Cg], q[bc], w[c], b[c], c1[bc], c2[bc], c3[bc], scale_in);
+      }
     });
   });
 }

@@ -111,9 +111,8 @@ def _group_stats_kernel(x_ptr, skip_ptr, part_ptr, add_ptr, w_ptr, b_ptr, mean_p
     rstd = 1.0 / tl.sqrt(m2 / count + eps)
     tl.store(mean_ptr + bg, mean)
     tl.store(rstd_ptr + bg, rstd)
-    # y = silu(a * scale + shift), from the statistics as stored (which the backward reads).
-    mean = tl.load(mean_ptr + bg)
-    rstd = tl.load(rstd_ptr + bg)
+    # y = silu(a * scale + shift); mean and rstd are already of the stored dtype, so these are
+    # the statistics the backward reads.
     for j in range(0, Cg):
         bc = bg * Cg + j
         c = bc % C
@@ -229,9 +228,8 @@ def _group_grad_kernel(part_ptr, w_ptr, rstd_ptr, channel_ptr, coef_ptr, grad_ad
             s_dzx = s_dzx * w
         m1 += s_dz
         m2 += s_dzx
-    n = Cg * S
-    m1 = m1 / n
-    m2 = m2 / n
+    m1 = m1 / Cg / S  # not Cg * S, which can overflow int32
+    m2 = m2 / Cg / S
     rstd = tl.load(rstd_ptr + bg)
     for j in range(0, Cg):
         bc = bg * Cg + j
@@ -244,9 +242,11 @@ def _group_grad_kernel(part_ptr, w_ptr, rstd_ptr, channel_ptr, coef_ptr, grad_ad
         tl.store(coef_ptr + bc * 3 + 1, c2)
         tl.store(coef_ptr + bc * 3 + 2, c3)
         if HAS_ADD:
-            grad_add = (c1 * tl.load(channel_ptr + bc * 3) + c2 * tl.load(channel_ptr + bc * 3 + 2)
-                        + c3 * S)
-            tl.store(grad_add_ptr + bc, grad_add)
+            # The channel sums again from the chunk sums (written by an earlier kernel): reading
+            # back this program's own scalar stores would need a barrier.
+            s_dz = _sum_partials(part_ptr, bc, n_chunks, 3, 0, BLOCK_P)
+            s_x = _sum_partials(part_ptr, bc, n_chunks, 3, 2, BLOCK_P)
+            tl.store(grad_add_ptr + bc, c1 * s_dz + c2 * s_x + c3 * S)
 
 
 @triton.jit
