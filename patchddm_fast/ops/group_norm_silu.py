@@ -113,6 +113,9 @@ def register_autograd(forward_qualname: str, backward_op) -> None:
         x, skip, add, weight, bias, groups, eps = inputs
         _, average, mean, rstd = output
         ctx.groups, ctx.has_skip = groups, skip is not None
+        # An unused output (the average, often) then arrives as None, not as a tensor of zeros
+        # that the backward would have to fill and read.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(average if skip is not None else x, add, weight, bias, mean, rstd)
         ctx.mark_non_differentiable(mean, rstd)
 

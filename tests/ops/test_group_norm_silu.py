@@ -107,6 +107,22 @@ def test_gradients_match_reference(device, backend, dtype, options):
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
+def test_gradients_when_one_output_is_unused(device, backend):
+    # Autograd hands the backward None for an unused output (no zeros are materialised).
+    inputs = make_inputs((2, 4, 3, 5), ("skip", "weight", "bias"), torch.float32, device, requires_grad=True)
+    average, _ = run(inputs, 2, backend)
+    grad_x, grad_skip, grad_weight = torch.autograd.grad(average.sum(), [inputs["x"], inputs["skip"],
+                                                                         inputs["weight"]], allow_unused=True)
+    assert torch.equal(grad_x, torch.full_like(grad_x, 0.5)) and torch.equal(grad_skip, grad_x)
+    assert grad_weight is None or not grad_weight.any()
+    grad_out = torch.randn_like(inputs["x"])
+    actual = torch.autograd.grad((run(inputs, 2, backend)[1] * grad_out).sum(), [inputs["x"], inputs["weight"]])
+    expected = torch.autograd.grad((run(inputs, 2, "torch")[1] * grad_out).sum(), [inputs["x"], inputs["weight"]])
+    for a, e in zip(actual, expected):
+        assert_close(a, e, scale=4.0)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
 def test_gradcheck_float64(device, backend):
     # The interpreter runs each program in Python, the reference many small ops: a smaller
     # problem keeps them quick.
