@@ -13,7 +13,8 @@ Sizes: CPU (1, 32, 32^3) float32 with 8 groups, at 1 and 2 threads; paper (GPU o
 
 Every case first checks its result against the reference, then records in extra_info its
 peak memory (CPU: peak RSS growth of one run in a fresh process, at one thread; GPU:
-max_memory_allocated) and its speedups over `eager` and `compile` from the fastest rounds
+max_memory_allocated), in train mode the bytes its forward saves for the backward, and its
+speedups over `eager` and `compile` from the fastest rounds
 (which other jobs on a shared machine disturb least), when those ran earlier in the session.
 
     pytest benchmarks/test_ops_group_norm_silu.py --benchmark-only
@@ -138,6 +139,26 @@ def reference_result(case, mode, size, paper, device):
     return torch.autograd.grad(y, list(leaves.values()), grad_out)
 
 
+def saved_bytes(case, impl, size, paper, device) -> int:
+    """Bytes that a forward keeps for its backward, beyond the inputs themselves: what a
+    U-Net holds per norm between its forward and backward passes. (Not for `compile`, whose
+    saved tensors are internal to its compiled graph.)"""
+    inputs, groups, _ = make_inputs(case, size, paper, device)
+    leaves = {k: v.detach().requires_grad_() for k, v in inputs.items() if v is not None}
+    args = {k: leaves.get(k) for k in inputs}
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = _function(impl)(args["x"], args["weight"], args["bias"], groups, args["add"], args["skip"])
+    del out
+    held = {v.untyped_storage().data_ptr() for v in leaves.values()}
+    return sum(n for ptr, n in storages.items() if ptr not in held)
+
+
 _SECONDS: dict[tuple, float] = {}
 _PEAKS: dict[tuple, int] = {}
 
@@ -194,6 +215,8 @@ def test_group_norm_silu(benchmark, bench_device, paper_scale, size, case, mode,
     _SECONDS[key + (impl,)] = seconds
     info = benchmark.extra_info
     info.update(peak_bytes=peak, threads=threads)
+    if mode == "train" and impl != "compile":
+        info["saved_for_backward_bytes"] = saved_bytes(case, impl, size, paper_scale, device)
     for baseline in ("eager", "compile"):
         other = _SECONDS.get(key + (baseline,))
         if other is not None and impl not in ("eager", baseline):
