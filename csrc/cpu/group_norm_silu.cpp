@@ -15,8 +15,10 @@
 // and dz * xhat per chunk (float and double keep dz in grad_input's buffer); pass 2 writes
 // grad_input from those group sums.
 //
-// The element loops are plain loops that GCC vectorises; on x86-64 each is compiled for
+// The element loops are plain loops that GCC vectorises; on x86-64 Linux each is compiled for
 // AVX-512, AVX2 and baseline SSE2 (target_clones) and the loader picks the best the CPU has.
+// (at::vec::Vectorized would not do here: ATen chooses its instruction set per translation
+// unit through CPU_CAPABILITY flags, without which it is a plain array of scalars.)
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -36,7 +38,7 @@
 
 #include "../group_norm_silu_args.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define PATCHDDM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define PATCHDDM_CLONES
@@ -268,7 +270,7 @@ struct Units {
         per_channel(s == 0 ? 0 : (s + chunk - 1) / chunk) {}
   int64_t count() const { return channels * per_channel; }
   int64_t grain() const { return std::max<int64_t>(1, kGrain / chunk); }
-  // Calls f(channel, offset of the span in the tensor, span length) for units [begin, end).
+  // Calls f(unit, channel, offset of the span in the tensor, span length) for units [begin, end).
   template <typename F>
   void for_each(int64_t begin, int64_t end, F&& f) const {
     for (int64_t u = begin; u < end; ++u) {
