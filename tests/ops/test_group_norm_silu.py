@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import TOLERANCES, assert_close, backend_params
+from helpers import assert_close, backend_params
 from patchddm_fast.ops import group_norm_silu, group_norm_silu_reference
 
 BACKENDS = backend_params("group_norm_silu")
