@@ -99,11 +99,11 @@ def fake_forward(x, skip, add, weight, bias, groups, eps):
 
 def fake_backward(grad_out, grad_average, input, add, weight, bias, mean, rstd, groups, input_scale):
     acc = opmath_dtype(input.dtype)
-    empty = input.new_empty((0,), dtype=acc)
-    return (torch.empty_like(input),
-            input.new_empty(add.shape, dtype=acc) if add is not None else empty,
-            input.new_empty(weight.shape, dtype=acc) if weight is not None else empty,
-            input.new_empty(bias.shape, dtype=acc) if bias is not None else empty)
+
+    def like(param):  # a separate empty tensor per absent gradient: outputs must not alias
+        return input.new_empty(param.shape if param is not None else (0,), dtype=acc)
+
+    return torch.empty_like(input), like(add), like(weight), like(bias)
 
 
 def register_autograd(forward_qualname: str, backward_op) -> None:
@@ -113,6 +113,9 @@ def register_autograd(forward_qualname: str, backward_op) -> None:
         x, skip, add, weight, bias, groups, eps = inputs
         _, average, mean, rstd = output
         ctx.groups, ctx.has_skip = groups, skip is not None
+        # An unused output (the average, often) then arrives as None, not as a tensor of zeros
+        # that the backward would have to fill and read.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(average if skip is not None else x, add, weight, bias, mean, rstd)
         ctx.mark_non_differentiable(mean, rstd)
 

@@ -1,0 +1,542 @@
+// GroupNorm + SiLU on the CPU, with the averaging skip and the per-(batch, channel) bias fused
+// in (DESIGN.md, "The fast ops"; the formulas are in csrc/ops.cpp and the Python op).
+//
+// Layout: x is (B, C, S) contiguous, so channel (b, c) is one run of S elements and a group
+// is Cg = C / G consecutive channels. Every pass splits each channel into chunks of at most
+// kChunk elements and runs the (channel, chunk) units in parallel, so a batch of one 256^3
+// volume with 8 groups still spreads over every thread. Indices are int64 throughout.
+//
+// Forward: pass 1 computes per-chunk sums of (a - shift) and (a - shift)^2, where a is x or
+// the rounded average (written here) and shift is the channel's first value, so that a large
+// mean does not cancel the variance away; the sums are float lanes within a tile and double
+// across tiles. Channel statistics then combine per group (adding `add`, a per-channel
+// constant, moves only the channel mean). Pass 2 writes y = silu(a * A[b,c] + B[b,c]).
+// Backward: pass 1 recomputes z from a and the saved mean/rstd and reduces dz = dy * silu'(z)
+// and dz * xhat per chunk (float and double keep dz in grad_input's buffer); pass 2 writes
+// grad_input from those group sums.
+//
+// The element loops are plain loops that GCC vectorises; on x86-64 Linux each is compiled for
+// AVX-512, AVX2 and baseline SSE2 (target_clones) and the loader picks the best the CPU has.
+// (at::vec::Vectorized would not do here: ATen chooses its instruction set per translation
+// unit through CPU_CAPABILITY flags, without which it is a plain array of scalars.)
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "../group_norm_silu_args.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define PATCHDDM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define PATCHDDM_CLONES
+#endif
+#if defined(__GNUC__)
+#define PATCHDDM_INLINE inline __attribute__((always_inline))
+#else
+#define PATCHDDM_INLINE inline
+#endif
+
+namespace patchddm {
+namespace {
+
+constexpr int64_t kChunk = 32768;  // elements of one channel per parallel unit
+constexpr int64_t kTile = 1024;    // elements summed in the arithmetic type before a double add
+constexpr int64_t kGrain = 32768;  // elements per task at least: amortises the fork
+
+// -- storage <-> arithmetic conversion, as bit operations that vectorise --------------------
+
+template <typename T>
+struct Elem {  // float and double: stored as computed
+  using storage = T;
+  using acc = T;
+  static PATCHDDM_INLINE acc load(storage v) { return v; }
+  static PATCHDDM_INLINE storage store(acc v) { return v; }
+};
+
+template <>
+struct Elem<c10::Half> {
+  using storage = uint16_t;
+  using acc = float;
+  static PATCHDDM_INLINE acc load(storage v) { return c10::detail::fp16_ieee_to_fp32_value(v); }
+  static PATCHDDM_INLINE storage store(acc v) { return c10::detail::fp16_ieee_from_fp32_value(v); }
+};
+
+template <>
+struct Elem<c10::BFloat16> {
+  using storage = uint16_t;
+  using acc = float;
+  static PATCHDDM_INLINE acc load(storage v) { return c10::detail::f32_from_bits(v); }
+  static PATCHDDM_INLINE storage store(acc v) { return c10::detail::round_to_nearest_even(v); }
+};
+
+// -- sigmoid ----------------------------------------------------------------------------------
+
+// exp(x) = 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], p a degree-5 polynomial fitted to
+// exp there (relative error 1e-7, then float rounding). x is clamped to [-86, 86], which keeps
+// 2^n a normal float; sigmoid needs no wider range: beyond it the result is 0 or 1 to float
+// precision. The clamps are comparisons (not fmin/fmax) so that the loops vectorise; a NaN
+// input gives a finite value here and the NaN comes through z in the callers.
+PATCHDDM_INLINE float exp_clamped(float x) {
+  x = x > -86.f ? x : -86.f;
+  x = x < 86.f ? x : 86.f;
+  const float round = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float t = x * 1.44269504f + round;
+  const int32_t n_bits = std::bit_cast<int32_t>(t) - 0x4B400000;  // n as an integer
+  const float n = t - round;
+  float r = x - n * 0.693145752f;  // ln2 in two parts, so r is exact to float
+  r -= n * 1.42860677e-6f;
+  float p = 0.00826153066f;
+  p = p * r + 0.0418987311f;
+  p = p * r + 0.166681141f;
+  p = p * r + 0.499991417f;
+  p = p * r + 0.999999523f;
+  p = p * r + 1.f;
+  return std::bit_cast<float>(std::bit_cast<int32_t>(p) + (n_bits << 23));
+}
+
+PATCHDDM_INLINE float sigmoid(float z) { return 1.f / (1.f + exp_clamped(-z)); }
+PATCHDDM_INLINE double sigmoid(double z) { return 1.0 / (1.0 + std::exp(-z)); }
+PATCHDDM_INLINE float silu(float z) { return z / (1.f + exp_clamped(-z)); }
+PATCHDDM_INLINE double silu(double z) { return z / (1.0 + std::exp(-z)); }
+
+// -- the element loops, each over one span of one channel ------------------------------------
+
+// Sums of (a - shift) and its square over a span; a = x, or the average (x + skip) / 2 rounded
+// to T, which is also written to avg.
+template <typename T>
+PATCHDDM_CLONES void stats_span(const typename Elem<T>::storage* __restrict x,
+                                const typename Elem<T>::storage* __restrict skip,
+                                typename Elem<T>::storage* __restrict avg, int64_t n,
+                                typename Elem<T>::acc shift, double* __restrict sums) {
+  using E = Elem<T>;
+  using acc = typename E::acc;
+  double sum = 0, sum_sq = 0;
+  for (int64_t t0 = 0; t0 < n; t0 += kTile) {
+    const int64_t t1 = std::min(n, t0 + kTile);
+    acc s = 0, q = 0;
+    if (skip != nullptr) {
+#pragma omp simd reduction(+ : s, q)
+      for (int64_t i = t0; i < t1; ++i) {
+        const auto rounded = E::store((E::load(x[i]) + E::load(skip[i])) * acc(0.5));
+        avg[i] = rounded;
+        const acc d = E::load(rounded) - shift;
+        s += d;
+        q += d * d;
+      }
+    } else {
+#pragma omp simd reduction(+ : s, q)
+      for (int64_t i = t0; i < t1; ++i) {
+        const acc d = E::load(x[i]) - shift;
+        s += d;
+        q += d * d;
+      }
+    }
+    sum += s;
+    sum_sq += q;
+  }
+  sums[0] = sum;
+  sums[1] = sum_sq;
+}
+
+// y = silu(a * scale + shift): the whole normalisation and affine folded into two constants.
+template <typename T>
+PATCHDDM_CLONES void apply_span(const typename Elem<T>::storage* __restrict a,
+                                typename Elem<T>::storage* __restrict y, int64_t n,
+                                typename Elem<T>::acc scale, typename Elem<T>::acc shift) {
+  using E = Elem<T>;
+  using acc = typename E::acc;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const acc z = E::load(a[i]) * scale + shift;
+    y[i] = E::store(silu(z));
+  }
+}
+
+// The derivative of silu at z = xhat * w + b, xhat = a * rstd + q, times dy.
+template <typename T>
+PATCHDDM_INLINE typename Elem<T>::acc grad_z(typename Elem<T>::acc dy, typename Elem<T>::acc z) {
+  using acc = typename Elem<T>::acc;
+  const acc sig = sigmoid(z);
+  return dy * sig * (acc(1) + z * (acc(1) - sig));
+}
+
+// Float and double store their arithmetic values, so the backward can keep dz in grad_input's
+// buffer between its passes instead of computing the sigmoid twice.
+template <typename T>
+constexpr bool kKeepsDz = std::is_same_v<typename Elem<T>::storage, typename Elem<T>::acc>;
+
+// Sums over a span of dz, dz * xhat and xhat (the last only matters for grad_add); with KEEP,
+// dz is also written to dz_out.
+template <typename T, bool KEEP>
+PATCHDDM_CLONES void grad_stats_span(const typename Elem<T>::storage* __restrict dy,
+                                     const typename Elem<T>::storage* __restrict a,
+                                     typename Elem<T>::acc* __restrict dz_out, int64_t n,
+                                     typename Elem<T>::acc rstd, typename Elem<T>::acc q,
+                                     typename Elem<T>::acc w, typename Elem<T>::acc b,
+                                     double* __restrict sums) {
+  using E = Elem<T>;
+  using acc = typename E::acc;
+  double sum_dz = 0, sum_dz_xhat = 0, sum_xhat = 0;
+  for (int64_t t0 = 0; t0 < n; t0 += kTile) {
+    const int64_t t1 = std::min(n, t0 + kTile);
+    acc s1 = 0, s2 = 0, s0 = 0;
+#pragma omp simd reduction(+ : s1, s2, s0)
+    for (int64_t i = t0; i < t1; ++i) {
+      const acc xhat = E::load(a[i]) * rstd + q;
+      const acc dz = grad_z<T>(E::load(dy[i]), xhat * w + b);
+      if constexpr (KEEP) dz_out[i] = dz;
+      s1 += dz;
+      s2 += dz * xhat;
+      s0 += xhat;
+    }
+    sum_dz += s1;
+    sum_dz_xhat += s2;
+    sum_xhat += s0;
+  }
+  sums[0] = sum_dz;
+  sums[1] = sum_dz_xhat;
+  sums[2] = sum_xhat;
+}
+
+// grad = scale_in * (c1 * dz + c2 * xhat + c3 + grad_average), in place over the kept dz.
+template <typename T>
+PATCHDDM_CLONES void grad_apply_kept_span(const typename Elem<T>::storage* __restrict a,
+                                          const typename Elem<T>::storage* __restrict grad_avg,
+                                          typename Elem<T>::acc* __restrict grad, int64_t n,
+                                          typename Elem<T>::acc rstd, typename Elem<T>::acc q,
+                                          typename Elem<T>::acc c1, typename Elem<T>::acc c2,
+                                          typename Elem<T>::acc c3, typename Elem<T>::acc scale_in) {
+  using acc = typename Elem<T>::acc;
+  if (grad_avg != nullptr) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      grad[i] = scale_in * (c1 * grad[i] + c2 * (static_cast<acc>(a[i]) * rstd + q) + c3 + grad_avg[i]);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) grad[i] = scale_in * (c1 * grad[i] + c2 * (static_cast<acc>(a[i]) * rstd + q) + c3);
+  }
+}
+
+// grad_input = scale_in * (c1 * dz + c2 * xhat + c3 + grad_average).
+template <typename T>
+PATCHDDM_CLONES void grad_apply_span(const typename Elem<T>::storage* __restrict dy,
+                                     const typename Elem<T>::storage* __restrict a,
+                                     const typename Elem<T>::storage* __restrict grad_avg,
+                                     typename Elem<T>::storage* __restrict grad_in, int64_t n,
+                                     typename Elem<T>::acc rstd, typename Elem<T>::acc q,
+                                     typename Elem<T>::acc w, typename Elem<T>::acc b,
+                                     typename Elem<T>::acc c1, typename Elem<T>::acc c2,
+                                     typename Elem<T>::acc c3, typename Elem<T>::acc scale_in) {
+  using E = Elem<T>;
+  using acc = typename E::acc;
+  if (grad_avg != nullptr) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const acc xhat = E::load(a[i]) * rstd + q;
+      const acc dz = grad_z<T>(E::load(dy[i]), xhat * w + b);
+      grad_in[i] = E::store(scale_in * (c1 * dz + c2 * xhat + c3 + E::load(grad_avg[i])));
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const acc xhat = E::load(a[i]) * rstd + q;
+      const acc dz = grad_z<T>(E::load(dy[i]), xhat * w + b);
+      grad_in[i] = E::store(scale_in * (c1 * dz + c2 * xhat + c3));
+    }
+  }
+}
+
+// -- work split ---------------------------------------------------------------------------------
+
+// (channel, chunk) units over B * C channels of S elements each.
+struct Units {
+  int64_t channels, spatial, chunk, per_channel;
+  Units(int64_t bc, int64_t s)
+      : channels(bc), spatial(s), chunk(std::max<int64_t>(1, std::min(s, kChunk))),
+        per_channel(s == 0 ? 0 : (s + chunk - 1) / chunk) {}
+  int64_t count() const { return channels * per_channel; }
+  int64_t grain() const { return std::max<int64_t>(1, kGrain / chunk); }
+  // Calls f(unit, channel, offset of the span in the tensor, span length) for units [begin, end).
+  template <typename F>
+  void for_each(int64_t begin, int64_t end, F&& f) const {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t bc = u / per_channel, start = (u % per_channel) * chunk;
+      f(u, bc, bc * spatial + start, std::min(chunk, spatial - start));
+    }
+  }
+};
+
+template <typename T>
+auto storage_ptr(const at::Tensor& t) {
+  return reinterpret_cast<const typename Elem<T>::storage*>(t.const_data_ptr<T>());
+}
+template <typename T>
+auto mutable_storage_ptr(const at::Tensor& t) {
+  return reinterpret_cast<typename Elem<T>::storage*>(t.mutable_data_ptr<T>());
+}
+
+// The affine parameters and the bias in the arithmetic type (a few values per channel).
+template <typename A>
+std::vector<A> values_or(const std::optional<at::Tensor>& t, int64_t n, A fill) {
+  if (!t.has_value()) return std::vector<A>(n, fill);
+  at::Tensor c = t->to(c10::CppTypeToScalarType<A>::value).contiguous();
+  const A* p = c.const_data_ptr<A>();
+  return std::vector<A>(p, p + n);
+}
+
+// -- forward ----------------------------------------------------------------------------------
+
+template <typename T>
+void forward_impl(const at::Tensor& x, const std::optional<at::Tensor>& skip,
+                  const std::optional<at::Tensor>& add, const std::optional<at::Tensor>& weight,
+                  const std::optional<at::Tensor>& bias, const GroupNormDims& d, double eps, at::Tensor& y,
+                  at::Tensor& average, at::Tensor& mean, at::Tensor& rstd) {
+  using E = Elem<T>;
+  using acc = typename E::acc;
+  const int64_t bc_count = d.batch * d.channels, S = d.spatial, Cg = d.per_group();
+  const auto* xp = storage_ptr<T>(x);
+  const auto* sp = skip.has_value() ? storage_ptr<T>(*skip) : nullptr;
+  auto* ap = skip.has_value() ? mutable_storage_ptr<T>(average) : nullptr;
+  const auto* a_read = skip.has_value() ? ap : xp;  // what pass 2 normalises
+  const std::vector<double> add_v = values_or<double>(add, bc_count, 0.0);
+  const std::vector<acc> w = values_or<acc>(weight, d.channels, acc(1));
+  const std::vector<acc> b = values_or<acc>(bias, d.channels, acc(0));
+  auto* mean_p = mean.mutable_data_ptr<acc>();
+  auto* rstd_p = rstd.mutable_data_ptr<acc>();
+
+  // Pass 1: per-chunk shifted sums (and the average).
+  const Units units(bc_count, S);
+  std::vector<acc> shift(bc_count, acc(0));
+  for (int64_t bc = 0; bc < bc_count && S > 0; ++bc) {
+    const int64_t i = bc * S;
+    shift[bc] = sp ? E::load(E::store((E::load(xp[i]) + E::load(sp[i])) * acc(0.5))) : E::load(xp[i]);
+  }
+  std::vector<double> sums(units.count() * 2);
+  at::parallel_for(0, units.count(), units.grain(), [&](int64_t begin, int64_t end) {
+    units.for_each(begin, end, [&](int64_t u, int64_t bc, int64_t offset, int64_t len) {
+      stats_span<T>(xp + offset, sp ? sp + offset : nullptr, ap ? ap + offset : nullptr, len,
+                    shift[bc], &sums[u * 2]);
+    });
+  });
+
+  // Channel moments, combined per group (Chan et al.): M2 = sum M2_c + S sum (mean_c - mean)^2.
+  const double n_group = static_cast<double>(Cg * S);
+  std::vector<double> ch_mean(bc_count), ch_m2(bc_count);
+  for (int64_t bc = 0; bc < bc_count; ++bc) {
+    double s = 0, q = 0;
+    for (int64_t k = 0; k < units.per_channel; ++k) {
+      s += sums[(bc * units.per_channel + k) * 2];
+      q += sums[(bc * units.per_channel + k) * 2 + 1];
+    }
+    const double m = S > 0 ? s / S : 0.0;
+    ch_mean[bc] = static_cast<double>(shift[bc]) + m + add_v[bc];
+    ch_m2[bc] = std::max(0.0, q - s * m);
+  }
+  for (int64_t bg = 0; bg < d.batch * d.groups; ++bg) {
+    const int64_t c0 = bg * Cg;  // first (b, c) index of the group
+    double m = 0;
+    for (int64_t c = 0; c < Cg; ++c) m += ch_mean[c0 + c];
+    m /= Cg;
+    double m2 = 0;
+    for (int64_t c = 0; c < Cg; ++c) {
+      const double dm = ch_mean[c0 + c] - m;
+      m2 += ch_m2[c0 + c] + S * dm * dm;
+    }
+    const double var = n_group > 0 ? m2 / n_group : 0.0;
+    mean_p[bg] = static_cast<acc>(m);
+    rstd_p[bg] = static_cast<acc>(1.0 / std::sqrt(var + eps));
+  }
+
+  // Pass 2: y = silu(a * A + B) with A = rstd w, B = (add - mean) A + bias, from the stored stats.
+  std::vector<acc> scale(bc_count), offset_v(bc_count);
+  for (int64_t bc = 0; bc < bc_count; ++bc) {
+    const int64_t c = bc % d.channels, bg = bc / Cg;
+    const double A = static_cast<double>(rstd_p[bg]) * w[c];
+    scale[bc] = static_cast<acc>(A);
+    offset_v[bc] = static_cast<acc>((add_v[bc] - static_cast<double>(mean_p[bg])) * A + b[c]);
+  }
+  auto* yp = mutable_storage_ptr<T>(y);
+  at::parallel_for(0, units.count(), units.grain(), [&](int64_t begin, int64_t end) {
+    units.for_each(begin, end, [&](int64_t, int64_t bc, int64_t offset, int64_t len) {
+      apply_span<T>(a_read + offset, yp + offset, len, scale[bc], offset_v[bc]);
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_forward_cpu(
+    const at::Tensor& x, const std::optional<at::Tensor>& skip, const std::optional<at::Tensor>& add,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, int64_t groups,
+    double eps) {
+  constexpr const char* op = "patchddm::group_norm_silu_forward";
+  const GroupNormDims d = check_group_norm_input(op, "x", x, groups);
+  TORCH_CHECK(eps > 0, op, ": eps must be positive, got ", eps);
+  if (skip.has_value()) check_group_norm_like(op, "skip", *skip, x);
+  check_group_norm_params(op, d, x, add, weight, bias);
+
+  const auto acc = group_norm_acc_type(x);
+  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor average = skip.has_value() ? at::empty_like(x, at::MemoryFormat::Contiguous)
+                                        : at::empty({0}, x.options());
+  at::Tensor mean = at::empty({d.batch, d.groups}, x.options().dtype(acc));
+  at::Tensor rstd = at::empty({d.batch, d.groups}, x.options().dtype(acc));
+  if (x.numel() == 0) {  // empty groups: statistics of nothing, as the other backends
+    mean.zero_();
+    rstd.fill_(1.0 / std::sqrt(eps));
+    return {y, average, mean, rstd};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_silu_forward_cpu", [&] {
+    forward_impl<scalar_t>(x, skip, add, weight, bias, d, eps, y, average, mean, rstd);
+  });
+  return {y, average, mean, rstd};
+}
+
+// -- backward ---------------------------------------------------------------------------------
+
+template <typename T>
+void backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_average,
+                   const at::Tensor& input, const std::optional<at::Tensor>& add,
+                   const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                   const at::Tensor& mean, const at::Tensor& rstd, const GroupNormDims& d, double input_scale,
+                   at::Tensor& grad_input, at::Tensor& grad_add, at::Tensor& grad_weight,
+                   at::Tensor& grad_bias) {
+  using E = Elem<T>;
+  using acc = typename E::acc;
+  const int64_t bc_count = d.batch * d.channels, S = d.spatial, Cg = d.per_group();
+  const auto* dyp = storage_ptr<T>(grad_out);
+  const auto* ap = storage_ptr<T>(input);
+  const auto* gap = grad_average.has_value() ? storage_ptr<T>(*grad_average) : nullptr;
+  const std::vector<double> add_v = values_or<double>(add, bc_count, 0.0);
+  const std::vector<acc> w = values_or<acc>(weight, d.channels, acc(1));
+  const std::vector<acc> b = values_or<acc>(bias, d.channels, acc(0));
+  const auto* mean_p = mean.const_data_ptr<acc>();
+  const auto* rstd_p = rstd.const_data_ptr<acc>();
+
+  // xhat = a * rstd + q[b, c], q = (add - mean) * rstd, as in the forward.
+  std::vector<acc> q(bc_count);
+  for (int64_t bc = 0; bc < bc_count; ++bc) {
+    const int64_t bg = bc / Cg;
+    q[bc] = static_cast<acc>((add_v[bc] - static_cast<double>(mean_p[bg])) * static_cast<double>(rstd_p[bg]));
+  }
+
+  // Pass 1: per-chunk sums of dz, dz * xhat and xhat; dz kept in grad_input where it fits.
+  auto* gip = mutable_storage_ptr<T>(grad_input);
+  acc* kept = kKeepsDz<T> ? reinterpret_cast<acc*>(gip) : nullptr;
+  const Units units(bc_count, S);
+  std::vector<double> sums(units.count() * 3);
+  at::parallel_for(0, units.count(), units.grain(), [&](int64_t begin, int64_t end) {
+    units.for_each(begin, end, [&](int64_t u, int64_t bc, int64_t offset, int64_t len) {
+      const int64_t c = bc % d.channels;
+      grad_stats_span<T, kKeepsDz<T>>(dyp + offset, ap + offset, kKeepsDz<T> ? kept + offset : nullptr, len, rstd_p[bc / Cg], q[bc], w[c],
+                                      b[c], &sums[u * 3]);
+    });
+  });
+  std::vector<double> s_dz(bc_count, 0.0), s_dzx(bc_count, 0.0), s_x(bc_count, 0.0);
+  for (int64_t bc = 0; bc < bc_count; ++bc) {
+    for (int64_t k = 0; k < units.per_channel; ++k) {
+      const double* s = &sums[(bc * units.per_channel + k) * 3];
+      s_dz[bc] += s[0];
+      s_dzx[bc] += s[1];
+      s_x[bc] += s[2];
+    }
+  }
+
+  // du = rstd (w dz - m1 - xhat m2), m1 = mean over the group of w dz, m2 of w dz xhat.
+  const double n_group = static_cast<double>(Cg * S);
+  std::vector<acc> c1(bc_count), c2(bc_count), c3(bc_count);
+  auto* gadd = add.has_value() ? grad_add.mutable_data_ptr<acc>() : nullptr;
+  for (int64_t bg = 0; bg < d.batch * d.groups; ++bg) {
+    double m1 = 0, m2 = 0;
+    for (int64_t bc = bg * Cg; bc < (bg + 1) * Cg; ++bc) {
+      const int64_t c = bc % d.channels;
+      m1 += static_cast<double>(w[c]) * s_dz[bc];
+      m2 += static_cast<double>(w[c]) * s_dzx[bc];
+    }
+    m1 = n_group > 0 ? m1 / n_group : 0.0;
+    m2 = n_group > 0 ? m2 / n_group : 0.0;
+    const double r = static_cast<double>(rstd_p[bg]);
+    for (int64_t bc = bg * Cg; bc < (bg + 1) * Cg; ++bc) {
+      const double k1 = r * w[bc % d.channels], k2 = -r * m2, k3 = -r * m1;
+      c1[bc] = static_cast<acc>(k1);
+      c2[bc] = static_cast<acc>(k2);
+      c3[bc] = static_cast<acc>(k3);
+      if (gadd != nullptr) gadd[bc] = static_cast<acc>(k1 * s_dz[bc] + k2 * s_x[bc] + k3 * S);
+    }
+  }
+  if (weight.has_value() || bias.has_value()) {
+    auto* gw = weight.has_value() ? grad_weight.mutable_data_ptr<acc>() : nullptr;
+    auto* gb = bias.has_value() ? grad_bias.mutable_data_ptr<acc>() : nullptr;
+    for (int64_t c = 0; c < d.channels; ++c) {
+      double sw = 0, sb = 0;
+      for (int64_t bi = 0; bi < d.batch; ++bi) {
+        sw += s_dzx[bi * d.channels + c];
+        sb += s_dz[bi * d.channels + c];
+      }
+      if (gw != nullptr) gw[c] = static_cast<acc>(sw);
+      if (gb != nullptr) gb[c] = static_cast<acc>(sb);
+    }
+  }
+
+  // Pass 2: grad_input.
+  const acc scale_in = static_cast<acc>(input_scale);
+  at::parallel_for(0, units.count(), units.grain(), [&](int64_t begin, int64_t end) {
+    units.for_each(begin, end, [&](int64_t, int64_t bc, int64_t offset, int64_t len) {
+      const int64_t c = bc % d.channels;
+      if constexpr (kKeepsDz<T>) {
+        grad_apply_kept_span<T>(ap + offset, gap ? gap + offset : nullptr, kept + offset, len, rstd_p[bc / Cg],
+                                q[bc], c1[bc], c2[bc], c3[bc], scale_in);
+      } else {
+        grad_apply_span<T>(dyp + offset, ap + offset, gap ? gap + offset : nullptr, gip + offset, len,
+                           rstd_p[bc / Cg], q[bc], w[c], b[c], c1[bc], c2[bc], c3[bc], scale_in);
+      }
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward_cpu(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_average, const at::Tensor& input,
+    const std::optional<at::Tensor>& add, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& rstd,
+    int64_t groups, double input_scale) {
+  constexpr const char* op = "patchddm::group_norm_silu_backward";
+  const GroupNormDims d = check_group_norm_input(op, "input", input, groups);
+  check_group_norm_like(op, "grad_out", grad_out, input);
+  if (grad_average.has_value()) check_group_norm_like(op, "grad_average", *grad_average, input);
+  check_group_norm_params(op, d, input, add, weight, bias);
+  check_group_norm_stats(op, "mean", mean, input, d);
+  check_group_norm_stats(op, "rstd", rstd, input, d);
+
+  const auto acc = group_norm_acc_type(input);
+  const auto acc_options = input.options().dtype(acc);
+  at::Tensor grad_input = at::empty_like(input, at::MemoryFormat::Contiguous);
+  at::Tensor grad_add = at::empty(add.has_value() ? at::IntArrayRef({d.batch, d.channels}) : at::IntArrayRef({0}), acc_options);
+  at::Tensor grad_weight = at::empty({weight.has_value() ? d.channels : 0}, acc_options);
+  at::Tensor grad_bias = at::empty({bias.has_value() ? d.channels : 0}, acc_options);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "group_norm_silu_backward_cpu", [&] {
+    backward_impl<scalar_t>(grad_out, grad_average, input, add, weight, bias, mean, rstd, d, input_scale,
+                            grad_input, grad_add, grad_weight, grad_bias);
+  });
+  return {grad_input, grad_add, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(patchddm, CPU, m) {
+  m.impl("group_norm_silu_forward", &group_norm_silu_forward_cpu);
+  m.impl("group_norm_silu_backward", &group_norm_silu_backward_cpu);
+}
+
+}  // namespace patchddm
