@@ -55,7 +55,7 @@ def noise_update_reference(x, eps, coef, clip, add_noise, seed, offset):
 def _is_batch_strided(t: torch.Tensor) -> bool:
     """Contiguous within each batch element; the batch stride may be anything (a channel
     slice of a larger buffer qualifies). That is the layout the kernels read and write."""
-    return t.dim() == 0 or t[0].is_contiguous() or t.shape[0] == 0
+    return t.dim() == 0 or t.shape[0] == 0 or t[0].is_contiguous()
 
 
 def _noise_update(name, x, eps, coef, *, clip, add_noise, seed, offset, out, x0_out, backend):
