@@ -58,7 +58,9 @@ inline NoiseUpdateArgs check_noise_update(const char* op, const at::Tensor& x,
   NoiseUpdateArgs a;
   a.batch = x.size(0);
   a.inner = a.batch == 0 ? 0 : x.numel() / a.batch;
-  check_same_device(op, "coef", coef, x);
+  // On the host (read there: no device sync) or on x's device.
+  TORCH_CHECK(coef.device().is_cpu() || coef.device() == x.device(), op,
+              ": coef must be on the CPU or on x's device ", x.device(), ", got ", coef.device());
   TORCH_CHECK(coef.scalar_type() == at::kFloat || coef.scalar_type() == at::kDouble, op,
               ": coef must be float32 or float64, got ", coef.scalar_type());
   TORCH_CHECK(coef.dim() == 2 && coef.size(1) == kNoiseCoefficients &&

@@ -135,9 +135,10 @@ struct Coef {
 };
 
 // One contiguous run of n elements:
-//   x0 = a x + b eps, clamped to [lo, hi];  out = c x0 + d x + e eps + s z.
-// lo, hi = -inf, inf without clipping: the comparisons below then keep every value, NaN too.
-// out / x0_out may be x or eps: each element is read before it is written.
+//   x0 = a x + b eps, clamped to [lo, hi];  out = ((c x0 + d x) + e eps) + s z
+// in the reference's order of operations. lo, hi = -inf, inf without clipping: the
+// comparisons below then keep every value, NaN too. out / x0_out may be x or eps: each
+// element is read before it is written.
 template <typename P, bool kEps, bool kNoise, bool kX0>
 PATCHDDM_SIMD_CLONES void update_run(const typename P::storage* x, const typename P::storage* eps,
                                      const float* z, typename P::storage* out,
@@ -146,15 +147,12 @@ PATCHDDM_SIMD_CLONES void update_run(const typename P::storage* x, const typenam
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const A xv = P::load(x[i]);
+    const A ev = kEps ? P::load(eps[i]) : A(0);
     A x0 = k.a * xv;
-    A o = k.d * xv;
-    if constexpr (kEps) {
-      const A ev = P::load(eps[i]);
-      x0 += k.b * ev;
-      o += k.e * ev;
-    }
+    if constexpr (kEps) x0 += k.b * ev;
     x0 = x0 < k.lo ? k.lo : (x0 > k.hi ? k.hi : x0);
-    o += k.c * x0;
+    A o = k.c * x0 + k.d * xv;
+    if constexpr (kEps) o += k.e * ev;
     if constexpr (kNoise) o += k.s * static_cast<A>(z[i]);
     out[i] = P::store(o);
     if constexpr (kX0) x0_out[i] = P::store(x0);
@@ -185,7 +183,7 @@ void noise_update_kernel(const NoiseUpdateArgs& a, const at::Tensor& x,
   using S = typename P::storage;
   // Coefficient rows, read once (float32 or float64) and applied in the math type.
   std::vector<Coef<A>> rows(static_cast<size_t>(coef.size(0)));
-  const at::Tensor coef64 = coef.to(at::kDouble);
+  const at::Tensor coef64 = coef.to(at::kDouble).contiguous();
   const double* c = coef64.const_data_ptr<double>();
   const A inf = std::numeric_limits<A>::infinity();
   for (size_t r = 0; r < rows.size(); ++r) {

@@ -28,14 +28,21 @@ struct Coef {
   A a, b, c, d, e, s;
 };
 
+// The coefficients of a row: from the kernel's parameters, or from device memory.
 template <typename A>
 __device__ __forceinline__ Coef<A> load_coef(const NoiseUpdateParams& p, int64_t row) {
-  const int64_t base = row * p.coef_stride;
   A k[6];
+  if (p.coef == nullptr) {
+    const double* v = p.inline_coef[p.coef_stride == 0 ? 0 : row];
 #pragma unroll
-  for (int i = 0; i < 6; ++i) {
-    k[i] = p.coef_double ? static_cast<A>(static_cast<const double*>(p.coef)[base + i])
-                         : static_cast<A>(static_cast<const float*>(p.coef)[base + i]);
+    for (int i = 0; i < 6; ++i) k[i] = static_cast<A>(v[i]);
+  } else {
+    const int64_t base = row * p.coef_stride;
+#pragma unroll
+    for (int i = 0; i < 6; ++i) {
+      k[i] = p.coef_double ? static_cast<A>(static_cast<const double*>(p.coef)[base + i])
+                           : static_cast<A>(static_cast<const float*>(p.coef)[base + i]);
+    }
   }
   return {k[0], k[1], k[2], k[3], k[4], k[5]};
 }
@@ -79,15 +86,13 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int l = 0; l < 4; ++l) {
     const A xl = to_acc(xv.v[l]);
+    const A el = kEps ? to_acc(ev.v[l]) : A(0);
     A x0 = k.a * xl;
-    A o = k.d * xl;
-    if constexpr (kEps) {
-      const A el = to_acc(ev.v[l]);
-      x0 += k.b * el;
-      o += k.e * el;
-    }
+    if constexpr (kEps) x0 += k.b * el;
     if (p.clip) x0 = x0 < A(-1) ? A(-1) : (x0 > A(1) ? A(1) : x0);  // keeps NaN, as torch.clamp
-    o += k.c * x0;
+    // ((c x0 + d x) + e eps) + s z: the reference's order of operations
+    A o = k.c * x0 + k.d * xl;
+    if constexpr (kEps) o += k.e * el;
     if constexpr (kNoise) o += k.s * static_cast<A>(z[l]);
     ov.v[l] = from_acc<T>(o);
     if constexpr (kX0) x0v.v[l] = from_acc<T>(x0);

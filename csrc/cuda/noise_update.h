@@ -9,9 +9,12 @@
 
 namespace patchddm::cuda {
 
+// Coefficient rows that travel inside the kernel's parameters; more go through device memory.
+constexpr int kInlineCoefRows = 32;
+
 // x, eps, out, x0: B rows of `inner` contiguous elements each, row b at data + b * stride
 // (elements). eps and x0 may be null. coef: B (or 1, coef_stride 0) rows of 6 values
-// a, b, c, d, e, s on the device, float32 or float64.
+// a, b, c, d, e, s in device memory, float32 or float64; or null, then inline_coef holds them.
 struct NoiseUpdateParams {
   const void* x;
   const void* eps;
@@ -22,6 +25,7 @@ struct NoiseUpdateParams {
   const void* coef;
   bool coef_double;
   int64_t coef_stride;
+  double inline_coef[kInlineCoefRows][6];
   bool clip, add_noise;
   uint64_t seed, offset;
 };

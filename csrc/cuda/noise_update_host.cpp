@@ -35,9 +35,27 @@ void noise_update_out_cuda(const at::Tensor& x, const std::optional<at::Tensor>&
   }
   p.batch = a.batch;
   p.inner = a.inner;
-  p.coef = coef.const_data_ptr();
-  p.coef_double = coef.scalar_type() == at::kDouble;
   p.coef_stride = a.shared_coef ? 0 : kNoiseCoefficients;
+  at::Tensor device_coef;  // kept alive until the launch is queued; the allocator is stream-ordered
+  if (coef.device().is_cpu() && coef.size(0) <= cuda::kInlineCoefRows) {
+    // Read on the host, passed by value: no copy, no sync.
+    const at::Tensor rows = coef.to(at::kDouble).contiguous();
+    const double* v = rows.const_data_ptr<double>();
+    for (int64_t r = 0; r < coef.size(0); ++r) {
+      for (int64_t i = 0; i < kNoiseCoefficients; ++i) p.inline_coef[r][i] = v[r * kNoiseCoefficients + i];
+    }
+  } else {
+    device_coef = coef;
+    if (coef.device().is_cpu()) {
+      // Pinned staging makes the upload asynchronous; the host allocator keeps the staging
+      // buffer until the copy on this stream has run.
+      at::Tensor staged = at::empty(coef.sizes(), coef.options().pinned_memory(true));
+      staged.copy_(coef);
+      device_coef = staged.to(x.device(), coef.scalar_type(), /*non_blocking=*/true);
+    }
+    p.coef = device_coef.const_data_ptr();
+    p.coef_double = coef.scalar_type() == at::kDouble;
+  }
   p.clip = clip;
   p.add_noise = add_noise;
   p.seed = add_noise ? static_cast<uint64_t>(seed) : 0;

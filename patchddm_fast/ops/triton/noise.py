@@ -176,10 +176,10 @@ def _check(name, x, eps, coef, add_noise, seed, offset, outputs):
             raise ValueError(f"{name}: {label} must be contiguous within each batch element "
                              f"({label}[b].is_contiguous()); got shape {tuple(t.shape)} and strides {t.stride()}")
     batch = x.shape[0]
-    if (coef.device != x.device or coef.dtype not in (torch.float32, torch.float64) or coef.dim() != 2
-            or coef.shape[1] != NCOEF or coef.shape[0] not in (1, batch)):
+    if (coef.device not in (x.device, torch.device("cpu")) or coef.dtype not in (torch.float32, torch.float64)
+            or coef.dim() != 2 or coef.shape[1] != NCOEF or coef.shape[0] not in (1, batch)):
         raise ValueError(f"{name}: coef must have shape (1, 6) or (B, 6) with B = {batch}, float32 or float64, "
-                         f"on {x.device}; got shape {tuple(coef.shape)}, {coef.dtype}, on {coef.device}")
+                         f"on the CPU or {x.device}; got shape {tuple(coef.shape)}, {coef.dtype}, on {coef.device}")
     if add_noise:
         check_seed_offset(name, seed, offset)
 
@@ -190,6 +190,8 @@ def _launch(x, eps, coef, clip, add_noise, seed, offset, out, x0_out):
         return
     inner = x.numel() // batch
     coef = coef.contiguous()
+    if coef.device != x.device:  # host coefficients: an asynchronous upload, no device sync
+        coef = coef.pin_memory().to(x.device, non_blocking=True)
     seed_lo, seed_hi = _halves(seed if add_noise else 0)
     off_lo, off_hi = _halves(offset if add_noise else 0)
     tiles = triton.cdiv(inner + 3, 4 * GROUPS)
