@@ -55,7 +55,12 @@ def noise_update_reference(x, eps, coef, clip, add_noise, seed, offset):
 def _is_batch_strided(t: torch.Tensor) -> bool:
     """Contiguous within each batch element; the batch stride may be anything (a channel
     slice of a larger buffer qualifies). That is the layout the kernels read and write."""
-    return t.dim() == 0 or t.shape[0] == 0 or t[0].is_contiguous()
+    expected = 1
+    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _noise_update(name, x, eps, coef, *, clip, add_noise, seed, offset, out, x0_out, backend):
@@ -98,18 +103,22 @@ def _noise_update(name, x, eps, coef, *, clip, add_noise, seed, offset, out, x0_
 # -- coefficients -------------------------------------------------------------------------------
 #
 # Coefficients are combined on the host in float64 and handed to the kernels as one (1 or B, 6)
-# float32 CPU tensor, which the CUDA and Triton hosts pass on without a device sync. Python
-# numbers stay Python floats throughout (a handful of float operations rather than a dozen
-# tiny tensor ops per step); per-batch tensors go through float64 tensor ops, which
-# torch.compile traces.
+# float32 CPU tensor, which the CUDA and Triton hosts pass on without a device sync. Each op
+# writes its coefficients as one row function of its per-element values; eager calls evaluate
+# it on Python floats (per batch element: a few microseconds, where a dozen tiny tensor ops
+# would take hundreds), traced calls on float64 tensors, which torch.compile records.
 
 def _per_batch(name: str, label: str, value, batch: int):
-    """A coefficient as a Python float, or as a float64 CPU tensor of shape (batch,) or (1,)."""
+    """A coefficient as a Python float or a list of `batch` floats; while torch.compile
+    traces, a tensor argument stays a float64 CPU tensor of shape (batch,) or (1,)."""
     if isinstance(value, torch.Tensor):
         v = value.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
         if v.numel() not in (1, batch):
             raise ValueError(f"{name}: {label} has {v.numel()} values; expected 1 or the batch size {batch}")
-        return v
+        if torch.compiler.is_compiling():
+            return v
+        values = v.tolist()
+        return values[0] if len(values) == 1 else values
     return float(value)
 
 
@@ -123,24 +132,24 @@ def _nonnegative(v):
 
 def _check_alpha_bar(name: str, label: str, v, *, allow_one: bool) -> None:
     if isinstance(v, torch.Tensor):
-        if torch.compiler.is_compiling():
-            return  # a value check would break the graph; eager calls check
-        ok = bool(((v > 0) & ((v <= 1) if allow_one else (v < 1))).all())
-        values = v.tolist()
-    else:
-        ok = v > 0 and (v <= 1 if allow_one else v < 1)  # False for NaN
-        values = [v]
-    if not ok:
+        return  # traced by torch.compile: a value check would break the graph; eager calls check
+    values = v if isinstance(v, list) else [v]
+    if not all(a > 0 and (a <= 1 if allow_one else a < 1) for a in values):  # False for NaN
         bound = "(0, 1]" if allow_one else "(0, 1)"
         raise ValueError(f"{name}: {label} must lie in {bound} (NaN is invalid), got {values}")
 
 
-def _stack(columns) -> torch.Tensor:
-    """The (1 or B, 6) float32 CPU coefficient rows from six floats or per-batch tensors."""
-    if not any(isinstance(c, torch.Tensor) for c in columns):
-        return torch.tensor([columns], dtype=torch.float32)
-    columns = [c if isinstance(c, torch.Tensor) else torch.tensor([c], dtype=torch.float64) for c in columns]
-    return torch.stack(torch.broadcast_tensors(*columns), dim=1).to(torch.float32)
+def _coefficients(row, *values) -> torch.Tensor:
+    """The (1 or B, 6) float32 CPU rows of row(*values) (floats, lists of B floats, or
+    float64 tensors while tracing) per batch element."""
+    if any(isinstance(v, torch.Tensor) for v in values):
+        columns = [c if isinstance(c, torch.Tensor) else torch.tensor([c], dtype=torch.float64)
+                   for c in row(*values)]
+        return torch.stack(torch.broadcast_tensors(*columns), dim=1).to(torch.float32)
+    lists = [v if isinstance(v, list) else [v] for v in values]
+    count = max(len(v) for v in lists)
+    rows = [row(*(v[i] if len(v) > 1 else v[0] for v in lists)) for i in range(count)]
+    return torch.tensor(rows, dtype=torch.float32)
 
 
 def _seed_or_random(seed):
@@ -174,12 +183,16 @@ def ddim_step(x_t, eps, alpha_bar_t, alpha_bar_prev, *, eta=0.0, clip=False, see
     ab_prev = _per_batch(name, "alpha_bar_prev", alpha_bar_prev, batch)
     _check_alpha_bar(name, "alpha_bar_t", ab_t, allow_one=False)
     _check_alpha_bar(name, "alpha_bar_prev", ab_prev, allow_one=True)
-    sqrt_ab, sqrt_1m_ab = _sqrt(ab_t), _sqrt(1 - ab_t)
-    sigma = eta * _sqrt((1 - ab_prev) / (1 - ab_t)) * _sqrt(_nonnegative(1 - ab_t / ab_prev))
-    k = _sqrt(_nonnegative(1 - ab_prev - sigma**2))
-    # x_prev = sqrt(ab_prev) x0 + k (x_t - sqrt(ab_t) x0) / sqrt(1 - ab_t) + sigma z
-    coef = _stack([1 / sqrt_ab, -sqrt_1m_ab / sqrt_ab, _sqrt(ab_prev) - k * sqrt_ab / sqrt_1m_ab,
-                   k / sqrt_1m_ab, 0.0, sigma])
+
+    def row(ab_t, ab_prev):
+        sqrt_ab, sqrt_1m_ab = _sqrt(ab_t), _sqrt(1 - ab_t)
+        sigma = eta * _sqrt((1 - ab_prev) / (1 - ab_t)) * _sqrt(_nonnegative(1 - ab_t / ab_prev))
+        k = _sqrt(_nonnegative(1 - ab_prev - sigma**2))
+        # x_prev = sqrt(ab_prev) x0 + k (x_t - sqrt(ab_t) x0) / sqrt(1 - ab_t) + sigma z
+        return [1 / sqrt_ab, -sqrt_1m_ab / sqrt_ab, _sqrt(ab_prev) - k * sqrt_ab / sqrt_1m_ab, k / sqrt_1m_ab,
+                0.0, sigma]
+
+    coef = _coefficients(row, ab_t, ab_prev)
     add_noise = eta > 0
     return _noise_update(name, x_t, eps, coef, clip=clip, add_noise=add_noise,
                          seed=_seed_or_random(seed) if add_noise else 0, offset=offset,
@@ -207,17 +220,17 @@ def ddpm_step(x_t, eps, alpha_bar_t, alpha_bar_prev, *, clip=True, variance="fix
     ab_prev = _per_batch(name, "alpha_bar_prev", alpha_bar_prev, batch)
     _check_alpha_bar(name, "alpha_bar_t", ab_t, allow_one=False)
     _check_alpha_bar(name, "alpha_bar_prev", ab_prev, allow_one=True)
-    beta = _nonnegative(1 - ab_t / ab_prev)
-    c_x0 = beta * _sqrt(ab_prev) / (1 - ab_t)
-    c_xt = (1 - ab_prev) * _sqrt(1 - beta) / (1 - ab_t)
-    var = beta * (1 - ab_prev) / (1 - ab_t) if variance == "fixed_small" else beta
-    # the last step (ab_prev = 1) adds no noise: its variance is 0 then, save rounding
-    if isinstance(var, torch.Tensor):
-        sigma = torch.where(torch.as_tensor(ab_prev) < 1, var.sqrt(), torch.zeros_like(var))
-    else:
-        sigma = math.sqrt(var) if ab_prev < 1 else 0.0
-    sqrt_ab = _sqrt(ab_t)
-    coef = _stack([1 / sqrt_ab, -_sqrt(1 - ab_t) / sqrt_ab, c_x0, c_xt, 0.0, sigma])
+
+    def row(ab_t, ab_prev):
+        beta = _nonnegative(1 - ab_t / ab_prev)
+        c_x0 = beta * _sqrt(ab_prev) / (1 - ab_t)
+        c_xt = (1 - ab_prev) * _sqrt(1 - beta) / (1 - ab_t)
+        var = beta * (1 - ab_prev) / (1 - ab_t) if variance == "fixed_small" else beta
+        sigma = _sqrt(var) * (ab_prev < 1)  # the last step (ab_prev = 1) adds no noise
+        sqrt_ab = _sqrt(ab_t)
+        return [1 / sqrt_ab, -_sqrt(1 - ab_t) / sqrt_ab, c_x0, c_xt, 0.0, sigma]
+
+    coef = _coefficients(row, ab_t, ab_prev)
     return _noise_update(name, x_t, eps, coef, clip=clip, add_noise=True, seed=_seed_or_random(seed),
                          offset=offset, out=out, x0_out=x0_out, backend=backend)
 
@@ -239,14 +252,14 @@ def q_sample(x0, alpha_bar, *, seed=None, offset=0, return_noise=True, out=None,
     seed = _seed_or_random(seed)
     check_seed_offset(name, seed, offset)
     if not return_noise:  # the noise is drawn inside the update
-        coef = _stack([1.0, 0.0, _sqrt(ab), 0.0, 0.0, _sqrt(1 - ab)])
+        coef = _coefficients(lambda a: [1.0, 0.0, _sqrt(a), 0.0, 0.0, _sqrt(1 - a)], ab)
         x_t, _ = _noise_update(name, x0, None, coef, clip=False, add_noise=True, seed=seed, offset=offset,
                                out=out, x0_out=None, backend=backend)
         return x_t
     # The noise is wanted too: draw it once, then combine it as eps (the kernels' order of
     # operations makes this the same arithmetic as drawing it inside).
     z = philox_normal(x0.shape, seed, offset, dtype=x0.dtype, device=x0.device, backend=backend)
-    coef = _stack([1.0, 0.0, _sqrt(ab), 0.0, _sqrt(1 - ab), 0.0])
+    coef = _coefficients(lambda a: [1.0, 0.0, _sqrt(a), 0.0, _sqrt(1 - a), 0.0], ab)
     x_t, _ = _noise_update(name, x0, z, coef, clip=False, add_noise=False, seed=seed, offset=offset,
                            out=out, x0_out=None, backend=backend)
     return x_t, z
