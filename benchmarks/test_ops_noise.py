@@ -12,10 +12,12 @@ Implementations:
   step, eta 0 included; for `philox`, torch.randn;
 - `eager-lean` (ddim, ddpm): the same arithmetic written as lean as eager PyTorch allows:
   Python-float coefficients, no unused terms, randn only when sigma > 0;
-- `compile`: torch.compile(fullgraph=True) of `eager`;
+- `compile`: torch.compile(fullgraph=True) of `eager`; `compile-lean` of `eager-lean`. On the
+  CPU, Inductor draws its random numbers slowly (a generator seeded per element), so the
+  ops that draw noise are slow compiled; ddim-eta0's `compile-lean` draws none;
 - ours: `cpp` on CPU tensors, `cuda` and `triton` on CUDA tensors (the Triton interpreter is
   not timed), allocating their outputs like eager does, and `<backend>-out` writing into
-  preallocated tensors as the sampler does.
+  preallocated tensors as the sampler does (not for philox, which has no out=).
 
 Cases: `single` = one volume, `ensemble` = 5 volumes (per-batch coefficients in eager);
 1 channel, float32. Sizes: CPU 64^3 / 5 x 40^3; paper (GPU or --paper-scale) 256^3 / 5 x 256^3.
@@ -23,8 +25,8 @@ Cases: `single` = one volume, `ensemble` = 5 volumes (per-batch coefficients in 
 Every case first checks its result (eager given the same Philox noise as ours, so that the
 two agree to float rounding), then records in extra_info its peak memory (CPU: peak RSS
 growth of one run in a fresh process; GPU: max_memory_allocated), the bytes it must move,
-its bandwidth and its speedups over `eager`, `eager-lean` and `compile` when those ran
-earlier in the session (from the fastest rounds, which other jobs on a shared machine
+its bandwidth and its speedups over the baselines (`eager`, `eager-lean`, `compile`,
+`compile-lean`) that ran earlier in the session (from the fastest rounds, which other jobs on a shared machine
 disturb least). Threads: OMP_NUM_THREADS (torch's default).
 
     pytest benchmarks/test_ops_noise.py --benchmark-only
@@ -45,9 +47,9 @@ OPS = ("ddim-eta0", "ddim-eta1", "ddpm", "q_sample", "philox")
 CASES = {"single": (1, 64, 256), "ensemble": (5, 40, 256)}  # batch, small size, paper size
 STEPS, STEP = 20, 10  # a step from the middle of a 20-step respaced schedule
 OURS = ("cpp", "cpp-out", "cuda", "cuda-out", "triton", "triton-out")
-IMPLS = ("eager", "eager-lean", "compile") + OURS
-DEVICE_IMPLS = {"cpu": ("eager", "eager-lean", "compile", "cpp", "cpp-out"),
-                "cuda": ("eager", "eager-lean", "compile", "cuda", "cuda-out", "triton", "triton-out")}
+BASELINES = ("eager", "eager-lean", "compile", "compile-lean")
+IMPLS = BASELINES + OURS
+DEVICE_IMPLS = {"cpu": BASELINES + ("cpp", "cpp-out"), "cuda": BASELINES + ("cuda", "cuda-out", "triton", "triton-out")}
 SEED = 1234
 
 
@@ -129,7 +131,8 @@ def eager_q_sample(s, x_start, t, noise=None):
     """GaussianDiffusion.q_sample with the noise it draws (training_losses keeps it)."""
     noise = torch.randn_like(x_start) if noise is None else noise
     shape = x_start.shape
-    x_t = _extract(s.sqrt_alphas_cumprod, t, shape) * x_start + _extract(s.sqrt_one_minus_alphas_cumprod, t, shape) * noise
+    x_t = _extract(s.sqrt_alphas_cumprod, t, shape) * x_start + \
+        _extract(s.sqrt_one_minus_alphas_cumprod, t, shape) * noise
     return x_t, noise
 
 
@@ -184,14 +187,16 @@ def setup_run(op: str, case: str, impl: str, paper: bool = False, device: str = 
         }
         run = functions[op]
         return torch.compile(run, fullgraph=True) if impl == "compile" else run
-    if impl == "eager-lean":
+    if impl in ("eager-lean", "compile-lean"):
         if op.startswith("ddim"):
-            return lambda: lean_ddim(x, eps, ab, ab_prev, eta)
-        if op == "ddpm":
+            run = lambda: lean_ddim(x, eps, ab, ab_prev, eta)  # noqa: E731
+        elif op == "ddpm":
             c1, c2 = s.value("posterior_mean_coef1", STEP), s.value("posterior_mean_coef2", STEP)
             sigma = float(torch.exp(0.5 * s.posterior_log_variance_clipped[STEP]))
-            return lambda: lean_ddpm(x, eps, ab, ab_prev, c1, c2, sigma)
-        raise ValueError(f"no eager-lean variant of {op}")
+            run = lambda: lean_ddpm(x, eps, ab, ab_prev, c1, c2, sigma)  # noqa: E731
+        else:
+            raise ValueError(f"no lean variant of {op}")
+        return torch.compile(run, fullgraph=True) if impl == "compile-lean" else run
     backend, _, variant = impl.partition("-")
     out = torch.empty_like(x) if variant == "out" else None
     x0_out = torch.empty_like(x) if variant == "out" else None
@@ -235,7 +240,7 @@ def moved_bytes(op: str, case: str, paper: bool) -> int:
 def check(op, impl, result, expected):
     results = result if isinstance(result, tuple) else (result,)
     assert len(results) == len(expected)
-    draws_own_noise = impl in ("eager", "eager-lean", "compile") and op != "ddim-eta0"
+    draws_own_noise = impl in BASELINES and op != "ddim-eta0"
     for actual, wanted in zip(results, expected):
         assert actual.shape == wanted.shape and actual.dtype == wanted.dtype
         if not draws_own_noise:
@@ -257,8 +262,10 @@ def test_noise_update(benchmark, bench_device, paper_scale, op, case, impl):
     device = bench_device.type
     if impl not in DEVICE_IMPLS[device]:
         pytest.skip(f"{impl} does not run on {device} tensors here (the Triton interpreter is not timed)")
-    if impl == "eager-lean" and op not in ("ddim-eta0", "ddim-eta1", "ddpm"):
+    if impl.endswith("-lean") and op not in ("ddim-eta0", "ddim-eta1", "ddpm"):
         pytest.skip(f"eager is already lean for {op}")
+    if impl.endswith("-out") and op == "philox":
+        pytest.skip("philox_normal has no out= variant")
     backend = impl.partition("-")[0]
     fast_op = FastOp.registry["noise_update"]
     if impl in OURS and backend not in fast_op.available(device):
@@ -279,7 +286,7 @@ def test_noise_update(benchmark, bench_device, paper_scale, op, case, impl):
         peak = cpu_peak_bytes("benchmarks.test_ops_noise:setup_run", op=op, case=case, impl=impl, paper=paper_scale)
         timed = run
     benchmark.group = f"noise {op} {case} {'paper' if paper_scale else 'small'} {device} {torch.get_num_threads()}t"
-    benchmark.pedantic(timed, rounds=10 if paper_scale else 20, warmup_rounds=2)
+    benchmark.pedantic(timed, rounds=10 if paper_scale else 50, warmup_rounds=2)
     seconds = benchmark.stats.stats.min  # robust to other jobs on a shared machine
     key = (op, case, paper_scale, device)
     _SECONDS[key + (impl,)] = seconds
@@ -287,7 +294,7 @@ def test_noise_update(benchmark, bench_device, paper_scale, op, case, impl):
     info = benchmark.extra_info
     info.update(peak_bytes=peak, moved_bytes=moved, bandwidth_GBps=round(moved / seconds / 1e9, 2),
                 threads=torch.get_num_threads())
-    baselines = ("eager", "eager-lean", "compile") if impl in OURS else ("eager", "eager-lean") if impl == "compile" else ()
+    baselines = BASELINES if impl in OURS else ("eager", "eager-lean") if impl.startswith("compile") else ()
     for baseline in baselines:
         other = _SECONDS.get(key + (baseline,))
         if other is not None:

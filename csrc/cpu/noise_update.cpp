@@ -221,8 +221,9 @@ void noise_update_out_cpu(const at::Tensor& x, const std::optional<at::Tensor>& 
   if (x.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "noise_update_cpu", [&] {
     // The variants as compile-time flags, so that each inner loop is branch-free.
+    using P = typename policy_of<scalar_t>::type;
     auto run = [&]<bool kEps, bool kNoise, bool kX0>() {
-      noise_update_kernel<typename policy_of<scalar_t>::type, kEps, kNoise, kX0>(a, x, eps, coef, clip, seed, offset, out, x0_out);
+      noise_update_kernel<P, kEps, kNoise, kX0>(a, x, eps, coef, clip, seed, offset, out, x0_out);
     };
     const int variant = (eps.has_value() ? 4 : 0) | (add_noise ? 2 : 0) | (x0_out.has_value() ? 1 : 0);
     switch (variant) {

@@ -10,7 +10,8 @@ Every update is an instance of one kernel, per batch element b with coef[b] = (a
 - q_sample:  forward noising for training, x_t = sqrt(ab) * x0 + sqrt(1 - ab) * z.
 
 Coefficients may be Python floats or per-batch-element tensors (ensembles, random training
-timesteps); they are computed in float64 and applied in float32 (float64 for float64 data).
+timesteps); they are computed in float64 and rounded to float32 once (the arithmetic on the
+data runs in float32, float64 for float64 data).
 `out=` may be a strided view, e.g. the x_t channel of a preallocated model-input buffer,
 and may alias x: each element is read before it is written.
 """

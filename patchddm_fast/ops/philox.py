@@ -72,8 +72,10 @@ def uniform_from_words(words: torch.Tensor) -> torch.Tensor:
 def philox_normal_reference(numel: int, seed: int, offset: int = 0, device=None,
                             dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """z(seed, offset + i) for i in range(numel), as a flat tensor: float32 values in `dtype`."""
+    # g in [0, 2^64): int64 arithmetic wraps like the kernels' uint64, and the mask turns the
+    # arithmetic shift into their logical one
     g = torch.arange(numel, dtype=torch.int64, device=device) + offset
-    words = philox4x32(g >> 2, seed)
+    words = philox4x32((g >> 2) & (2**62 - 1), seed)
     lane = g & 3
     first = lane < 2
     u_radius = uniform_from_words(torch.where(first, words[0], words[2]))

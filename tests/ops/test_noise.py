@@ -63,7 +63,8 @@ def ddim_expected(x, eps, ab_t, ab_prev, eta, clip, z):
 @pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 def test_philox_normal_matches_reference(device, backend, dtype):
-    cases = [((1,), 0, 0), ((3, 5, 7), 123, 77), ((1031,), 2**63 - 1, 2**40 + 3), ((2, 65), 2**31, 2**32 - 2)]
+    cases = [((1,), 0, 0), ((3, 5, 7), 123, 77), ((1031,), 2**63 - 1, 2**40 + 3), ((2, 65), 2**31, 2**32 - 2),
+             ((11,), 5, 2**63 - 6)]  # noise indices past 2^63
     for shape, seed, offset in cases:
         z = philox_normal(shape, seed, offset, dtype=dtype, device=device, backend=backend)
         assert z.shape == shape and z.dtype == dtype and z.device.type == device and z.is_contiguous()

@@ -1,10 +1,11 @@
 """The fused noise update and Philox noise in Triton.
 
 One program handles GROUPS Philox groups (4 * GROUPS consecutive noise indices) of one batch
-element (grid axis 1), as a (GROUPS, 4) tile: Philox and the Box-Muller terms are computed
-once per group, and each of the four lanes picks its normal. The arithmetic is the one of
-csrc/philox.h and patchddm_fast/ops/philox.py (same polynomials, same integer angle
-reduction), so the noise matches the C++ and CUDA kernels to a few float32 ulps.
+element (grid axis 1), as a (GROUPS, 4) tile: Philox and the two Box-Muller pairs are
+computed once per group (a (GROUPS, 1) column), and each of the four lanes picks its normal.
+The arithmetic is the one of csrc/philox.h (same polynomials, same integer angle reduction),
+so the noise matches the C++ and CUDA kernels to a few float32 ulps and the reference
+(patchddm_fast/ops/philox.py) to 2e-6.
 
 Seeds and offsets are passed as 32-bit halves (reinterpreted as int32): Triton types an int
 argument by its value (int32, uint32 or int64), and would compile the kernel again whenever
@@ -61,19 +62,20 @@ def _angle(w):
 
 
 @triton.jit
-def _normals(g, seed_lo, seed_hi):
-    """z(seed, g) for a (GROUPS, 4) tile of noise indices g (uint64), whose rows are groups."""
-    counter = g >> 2
-    c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
-    c1 = (counter >> 32).to(tl.uint32)
+def _normals(group, seed_lo, seed_hi):
+    """z(seed, 4 * group + lane) as a (GROUPS, 4) tile, from a (GROUPS, 1) column of Philox
+    counters (uint64): one Philox evaluation and two Box-Muller pairs per row."""
+    c0 = (group & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (group >> 32).to(tl.uint32)
     zero = tl.zeros_like(c0)
-    # One Philox evaluation per group (row): the lanes of a row share the counter.
     w0, w1, w2, w3 = tl.philox_impl(c0, c1, zero, zero, seed_lo, seed_hi)
-    lane = (g & 3).to(tl.int32)
-    first = lane < 2
-    radius = _radius(tl.where(first, w0, w2))
-    cos, sin = _angle(tl.where(first, w1, w3))
-    return radius * tl.where((lane & 1) == 0, cos, sin)
+    r01 = _radius(w0)
+    r23 = _radius(w2)
+    cos01, sin01 = _angle(w1)
+    cos23, sin23 = _angle(w3)
+    lane = tl.arange(0, 4)[None, :]
+    return tl.where(lane == 0, r01 * cos01, tl.where(lane == 1, r01 * sin01, tl.where(lane == 2, r23 * cos23,
+                                                                                      r23 * sin23)))
 
 
 @triton.jit
@@ -94,15 +96,16 @@ def _join64(lo, hi):
 
 @triton.jit
 def _tile(row, inner, off_lo, off_hi, GROUPS: tl.constexpr):
-    """This program's noise indices g (uint64) and positions j in the row (int64), (GROUPS, 4).
+    """This program's Philox groups (uint64, (GROUPS, 1)) and the positions j in the row of
+    their elements (int64, (GROUPS, 4)): element j has noise index row_start + j = 4 group + lane.
 
-    Tiles start at multiples of 4 in g, so a group never straddles two programs.
+    Tiles start at group boundaries, so a group never straddles two programs.
     """
     row_start = _join64(off_lo, off_hi) + row.to(tl.uint64) * inner.to(tl.uint64)
-    first = (row_start >> 2 << 2) + tl.program_id(0).to(tl.uint64) * (4 * GROUPS)
-    g = first + (4 * tl.arange(0, GROUPS)[:, None] + tl.arange(0, 4)[None, :]).to(tl.uint64)
-    j = (g - row_start).to(tl.int64, bitcast=True)  # the first tile may start up to 3 before the row
-    return g, j
+    group = (row_start >> 2) + tl.program_id(0).to(tl.uint64) * GROUPS + tl.arange(0, GROUPS)[:, None].to(tl.uint64)
+    g = group * 4 + tl.arange(0, 4)[None, :].to(tl.uint64)
+    j = (g - row_start).to(tl.int64, bitcast=True)  # the first group may start up to 3 before the row
+    return group, j
 
 
 @triton.jit(do_not_specialize=["inner", "row0", "seed_lo", "seed_hi", "off_lo", "off_hi"])
@@ -112,7 +115,7 @@ def _noise_update_kernel(x_ptr, eps_ptr, coef_ptr, out_ptr, x0_ptr, inner, row0,
                          HAS_EPS: tl.constexpr, CLIP: tl.constexpr, NOISE: tl.constexpr,
                          WANT_X0: tl.constexpr, IS_F64: tl.constexpr, GROUPS: tl.constexpr):
     row = row0 + tl.program_id(1).to(tl.int64)
-    g, j = _tile(row, inner, off_lo, off_hi, GROUPS)
+    group, j = _tile(row, inner, off_lo, off_hi, GROUPS)
     mask = (j >= 0) & (j < inner)
     # 64-bit addressing: the batch stride times the row exceeds 2^31 in full-volume ensembles.
     coef = coef_ptr + row * coef_stride
@@ -134,7 +137,7 @@ def _noise_update_kernel(x_ptr, eps_ptr, coef_ptr, out_ptr, x0_ptr, inner, row0,
         x0 = tl.where(x0 < -1.0, -1.0, tl.where(x0 > 1.0, 1.0, x0))
     value += c * x0
     if NOISE:
-        z = _normals(g, seed_lo.to(tl.uint32, bitcast=True), seed_hi.to(tl.uint32, bitcast=True))
+        z = _normals(group, seed_lo.to(tl.uint32, bitcast=True), seed_hi.to(tl.uint32, bitcast=True))
         value += s * _to_math(z, IS_F64)
     ty = out_ptr.dtype.element_ty
     tl.store(out_ptr + row * out_stride + j, value.to(ty), mask=mask)
@@ -144,8 +147,8 @@ def _noise_update_kernel(x_ptr, eps_ptr, coef_ptr, out_ptr, x0_ptr, inner, row0,
 
 @triton.jit(do_not_specialize=["n", "seed_lo", "seed_hi", "off_lo", "off_hi"])
 def _philox_normal_kernel(out_ptr, n, seed_lo, seed_hi, off_lo, off_hi, GROUPS: tl.constexpr):
-    g, j = _tile(tl.zeros((), dtype=tl.int64), n, off_lo, off_hi, GROUPS)
-    z = _normals(g, seed_lo.to(tl.uint32, bitcast=True), seed_hi.to(tl.uint32, bitcast=True))
+    group, j = _tile(tl.program_id(1).to(tl.int64), n, off_lo, off_hi, GROUPS)  # one row: program_id(1) = 0
+    z = _normals(group, seed_lo.to(tl.uint32, bitcast=True), seed_hi.to(tl.uint32, bitcast=True))
     tl.store(out_ptr + j, z.to(out_ptr.dtype.element_ty), mask=(j >= 0) & (j < n))
 
 
