@@ -243,6 +243,21 @@ def test_out_aliasing_x_and_other_layouts(device, backend):
     assert prev is out and torch.equal(out, expected_prev) and torch.equal(x0, expected_x0)
 
 
+@pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
+def test_rows_on_and_off_philox_group_boundaries(device, backend):
+    # kernels take a vectorised path when rows start on groups of 4 noise indices (offset and
+    # row length multiples of 4) and a bounds-checked one otherwise: both against the reference
+    for inner, offset in [(8, 0), (8, 4), (8, 6), (13, 0), (12, 3)]:
+        x, eps = inputs((3, inner), torch.float32, device)
+        prev, x0 = ddpm_step(x, eps, 0.3, 0.4, seed=21, offset=offset, backend=backend)
+        ref_prev, ref_x0 = ddpm_step(x, eps, 0.3, 0.4, seed=21, offset=offset, backend="torch")
+        close(prev, ref_prev, torch.float32, noise_scale=1)
+        close(x0, ref_x0, torch.float32)
+        z = philox_normal((3, inner), 21, offset, device=device, backend=backend)
+        close(z, philox_normal_reference(3 * inner, 21, offset, device=device).reshape(3, inner), torch.float32,
+              noise_scale=1)
+
+
 def test_empty_and_batch_one_shapes():
     for backend in [p.values[1] for p in BACKENDS if p.values[0] == "cpu"]:
         x = torch.randn(0, 3)

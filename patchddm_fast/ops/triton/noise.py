@@ -95,28 +95,47 @@ def _join64(lo, hi):
 
 
 @triton.jit
-def _tile(row, inner, off_lo, off_hi, GROUPS: tl.constexpr):
+def _row_start(row, inner, off_lo, off_hi):
+    """The noise index of the row's first element (uint64)."""
+    return _join64(off_lo, off_hi) + row.to(tl.uint64) * inner.to(tl.uint64)
+
+
+@triton.jit
+def _groups(row_start, GROUPS: tl.constexpr):
+    """This program's Philox groups, a (GROUPS, 1) column (uint64). Tiles start at group
+    boundaries, so a group never straddles two programs."""
+    return (row_start >> 2) + tl.program_id(0).to(tl.uint64) * GROUPS + tl.arange(0, GROUPS)[:, None].to(tl.uint64)
+
+
+@triton.jit
+def _tile(row_start, GROUPS: tl.constexpr):
     """This program's Philox groups (uint64, (GROUPS, 1)) and the positions j in the row of
     their elements (int64, (GROUPS, 4)): element j has noise index row_start + j = 4 group + lane.
-
-    Tiles start at group boundaries, so a group never straddles two programs.
     """
-    row_start = _join64(off_lo, off_hi) + row.to(tl.uint64) * inner.to(tl.uint64)
-    group = (row_start >> 2) + tl.program_id(0).to(tl.uint64) * GROUPS + tl.arange(0, GROUPS)[:, None].to(tl.uint64)
+    group = _groups(row_start, GROUPS)
     g = group * 4 + tl.arange(0, 4)[None, :].to(tl.uint64)
     j = (g - row_start).to(tl.int64, bitcast=True)  # the first group may start up to 3 before the row
     return group, j
 
 
 @triton.jit(do_not_specialize=["inner", "row0", "seed_lo", "seed_hi", "off_lo", "off_hi"])
-def _noise_update_kernel(x_ptr, eps_ptr, coef_ptr, out_ptr, x0_ptr, inner, row0,
+def _noise_update_kernel(x_ptr, eps_ptr, coef_ptr, out_ptr, x0_ptr, inner, inner_hint, row0,
                          x_stride, eps_stride, out_stride, x0_stride, coef_stride,
                          seed_lo, seed_hi, off_lo, off_hi,
                          HAS_EPS: tl.constexpr, CLIP: tl.constexpr, NOISE: tl.constexpr,
-                         WANT_X0: tl.constexpr, IS_F64: tl.constexpr, GROUPS: tl.constexpr):
+                         WANT_X0: tl.constexpr, IS_F64: tl.constexpr, ALIGNED: tl.constexpr,
+                         GROUPS: tl.constexpr):
     row = row0 + tl.program_id(1).to(tl.int64)
-    group, j = _tile(row, inner, off_lo, off_hi, GROUPS)
-    mask = (j >= 0) & (j < inner)
+    row_start = _row_start(row, inner, off_lo, off_hi)
+    if ALIGNED:
+        # Rows start on group boundaries: the tile is one flat run of 4 GROUPS elements, which
+        # the compiler moves as 16-byte vectors (inner_hint is inner, left to Triton's
+        # divisibility specialisation, so that the mask does not split the vectors).
+        j = tl.program_id(0).to(tl.int64) * (4 * GROUPS) + tl.arange(0, 4 * GROUPS)
+        mask = j < inner_hint
+    else:
+        group, j = _tile(row_start, GROUPS)
+        mask = (j >= 0) & (j < inner)
     # 64-bit addressing: the batch stride times the row exceeds 2^31 in full-volume ensembles.
     coef = coef_ptr + row * coef_stride
     a = _to_math(tl.load(coef), IS_F64)
@@ -127,17 +146,21 @@ def _noise_update_kernel(x_ptr, eps_ptr, coef_ptr, out_ptr, x0_ptr, inner, row0,
     s = _to_math(tl.load(coef + 5), IS_F64)
     x = _to_math(tl.load(x_ptr + row * x_stride + j, mask=mask), IS_F64)
     x0 = a * x
-    value = d * x
     if HAS_EPS:
         ev = _to_math(tl.load(eps_ptr + row * eps_stride + j, mask=mask), IS_F64)
         x0 += b * ev
-        value += e * ev
     if CLIP:
         # NaN-preserving clamp, as torch.clamp
         x0 = tl.where(x0 < -1.0, -1.0, tl.where(x0 > 1.0, 1.0, x0))
-    value += c * x0
+    value = c * x0 + d * x  # ((c x0 + d x) + e eps) + s z: the reference's order of operations
+    if HAS_EPS:
+        value += e * ev
     if NOISE:
-        z = _normals(group, seed_lo.to(tl.uint32, bitcast=True), seed_hi.to(tl.uint32, bitcast=True))
+        key_lo, key_hi = seed_lo.to(tl.uint32, bitcast=True), seed_hi.to(tl.uint32, bitcast=True)
+        if ALIGNED:
+            z = tl.reshape(_normals(_groups(row_start, GROUPS), key_lo, key_hi), [4 * GROUPS])
+        else:
+            z = _normals(group, key_lo, key_hi)
         value += s * _to_math(z, IS_F64)
     ty = out_ptr.dtype.element_ty
     tl.store(out_ptr + row * out_stride + j, value.to(ty), mask=mask)
@@ -146,10 +169,19 @@ def _noise_update_kernel(x_ptr, eps_ptr, coef_ptr, out_ptr, x0_ptr, inner, row0,
 
 
 @triton.jit(do_not_specialize=["n", "seed_lo", "seed_hi", "off_lo", "off_hi"])
-def _philox_normal_kernel(out_ptr, n, seed_lo, seed_hi, off_lo, off_hi, GROUPS: tl.constexpr):
-    group, j = _tile(tl.program_id(1).to(tl.int64), n, off_lo, off_hi, GROUPS)  # one row: program_id(1) = 0
-    z = _normals(group, seed_lo.to(tl.uint32, bitcast=True), seed_hi.to(tl.uint32, bitcast=True))
-    tl.store(out_ptr + j, z.to(out_ptr.dtype.element_ty), mask=(j >= 0) & (j < n))
+def _philox_normal_kernel(out_ptr, n, n_hint, seed_lo, seed_hi, off_lo, off_hi, ALIGNED: tl.constexpr,
+                          GROUPS: tl.constexpr):
+    offset = _join64(off_lo, off_hi)
+    key_lo, key_hi = seed_lo.to(tl.uint32, bitcast=True), seed_hi.to(tl.uint32, bitcast=True)
+    if ALIGNED:  # as in _noise_update_kernel: one flat run, stored as vectors
+        j = tl.program_id(0).to(tl.int64) * (4 * GROUPS) + tl.arange(0, 4 * GROUPS)
+        z = tl.reshape(_normals(_groups(offset, GROUPS), key_lo, key_hi), [4 * GROUPS])
+        mask = j < n_hint
+    else:
+        group, j = _tile(offset, GROUPS)
+        z = _normals(group, key_lo, key_hi)
+        mask = (j >= 0) & (j < n)
+    tl.store(out_ptr + j, z.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # -- host side ---------------------------------------------------------------------------------
@@ -198,15 +230,17 @@ def _launch(x, eps, coef, clip, add_noise, seed, offset, out, x0_out):
     seed_lo, seed_hi = _halves(seed if add_noise else 0)
     off_lo, off_hi = _halves(offset if add_noise else 0)
     tiles = triton.cdiv(inner + 3, 4 * GROUPS)
+    # Rows on group boundaries (offset and row length multiples of 4): the vectorised tiles.
+    aligned = (offset if add_noise else 0) % 4 == 0 and inner % 4 == 0
     for row0 in range(0, batch, MAX_GRID_ROWS):
         rows = min(MAX_GRID_ROWS, batch - row0)
         _noise_update_kernel[(tiles, rows)](
-            x, eps if eps is not None else x, coef, out, x0_out if x0_out is not None else out, inner, row0,
+            x, eps if eps is not None else x, coef, out, x0_out if x0_out is not None else out, inner, inner, row0,
             x.stride(0), eps.stride(0) if eps is not None else 0, out.stride(0),
             x0_out.stride(0) if x0_out is not None else 0, 0 if coef.shape[0] == 1 else NCOEF,
             seed_lo, seed_hi, off_lo, off_hi,
             HAS_EPS=eps is not None, CLIP=bool(clip), NOISE=bool(add_noise), WANT_X0=x0_out is not None,
-            IS_F64=x.dtype == torch.float64, GROUPS=GROUPS)
+            IS_F64=x.dtype == torch.float64, ALIGNED=aligned, GROUPS=GROUPS)
 
 
 @torch.library.custom_op("patchddm_triton::noise_update", mutates_args=())
@@ -241,8 +275,8 @@ def philox_normal(like: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
     if n:
         seed_lo, seed_hi = _halves(seed)
         off_lo, off_hi = _halves(offset)
-        _philox_normal_kernel[(triton.cdiv(n + 3, 4 * GROUPS),)](out, n, seed_lo, seed_hi, off_lo, off_hi,
-                                                                 GROUPS=GROUPS)
+        _philox_normal_kernel[(triton.cdiv(n + 3, 4 * GROUPS),)](out, n, n, seed_lo, seed_hi, off_lo, off_hi,
+                                                                 ALIGNED=offset % 4 == 0, GROUPS=GROUPS)
     return out
 
 
