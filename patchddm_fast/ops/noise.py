@@ -10,7 +10,8 @@ Every update is an instance of one kernel, per batch element b with coef[b] = (a
 - q_sample:  forward noising for training, x_t = sqrt(ab) * x0 + sqrt(1 - ab) * z.
 
 Coefficients may be Python floats or per-batch-element tensors (ensembles, random training
-timesteps); they are computed in float64 and applied in float32 (float64 for float64 data).
+timesteps); they are computed in float64 and rounded to float32 once (the arithmetic on the
+data runs in float32, float64 for float64 data).
 `out=` may be a strided view, e.g. the x_t channel of a preallocated model-input buffer,
 and may alias x: each element is read before it is written.
 """
@@ -36,7 +37,7 @@ def noise_update_reference(x, eps, coef, clip, add_noise, seed, offset):
     """Plain-PyTorch noise update: returns (out, x0), both in x's dtype."""
     acc = opmath_dtype(x.dtype)
     shape = (coef.shape[0],) + (1,) * (x.dim() - 1)
-    a, b, c, d, e, s = (coef[:, k].to(acc).reshape(shape) for k in range(NCOEF))
+    a, b, c, d, e, s = (coef[:, k].to(device=x.device, dtype=acc).reshape(shape) for k in range(NCOEF))
     xf = x.to(acc)
     x0 = a * xf
     if eps is not None:
@@ -55,7 +56,12 @@ def noise_update_reference(x, eps, coef, clip, add_noise, seed, offset):
 def _is_batch_strided(t: torch.Tensor) -> bool:
     """Contiguous within each batch element; the batch stride may be anything (a channel
     slice of a larger buffer qualifies). That is the layout the kernels read and write."""
-    return t.dim() == 0 or t[0].is_contiguous() or t.shape[0] == 0
+    expected = 1
+    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _noise_update(name, x, eps, coef, *, clip, add_noise, seed, offset, out, x0_out, backend):
@@ -96,33 +102,55 @@ def _noise_update(name, x, eps, coef, *, clip, add_noise, seed, offset, out, x0_
 
 
 # -- coefficients -------------------------------------------------------------------------------
+#
+# Coefficients are combined on the host in float64 and handed to the kernels as one (1 or B, 6)
+# float32 CPU tensor, which the CUDA and Triton hosts pass on without a device sync. Each op
+# writes its coefficients as one row function of its per-element values; eager calls evaluate
+# it on Python floats (per batch element: a few microseconds, where a dozen tiny tensor ops
+# would take hundreds), traced calls on float64 tensors, which torch.compile records.
 
-def _per_batch(name: str, label: str, value, batch: int) -> torch.Tensor:
-    """A coefficient as a float64 CPU tensor of shape (batch,) or (1,).
-
-    Coefficients are combined on the host, then sent to the device as one (B, 6) tensor.
-    """
+def _per_batch(name: str, label: str, value, batch: int):
+    """A coefficient as a Python float or a list of `batch` floats; while torch.compile
+    traces, a tensor argument stays a float64 CPU tensor of shape (batch,) or (1,)."""
     if isinstance(value, torch.Tensor):
         v = value.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
         if v.numel() not in (1, batch):
             raise ValueError(f"{name}: {label} has {v.numel()} values; expected 1 or the batch size {batch}")
-    else:
-        v = torch.tensor([float(value)], dtype=torch.float64)
-    return v
+        if torch.compiler.is_compiling():
+            return v
+        values = v.tolist()
+        return values[0] if len(values) == 1 else values
+    return float(value)
 
 
-def _check_alpha_bar(name: str, label: str, v: torch.Tensor, *, allow_one: bool) -> None:
-    if torch.compiler.is_compiling():
-        return  # a value check would break the graph; eager calls check
-    ok = (v > 0) & ((v <= 1) if allow_one else (v < 1))
-    if not bool(ok.all()):
+def _sqrt(v):
+    return v.sqrt() if isinstance(v, torch.Tensor) else math.sqrt(v)
+
+
+def _nonnegative(v):
+    return v.clamp(min=0) if isinstance(v, torch.Tensor) else max(v, 0.0)
+
+
+def _check_alpha_bar(name: str, label: str, v, *, allow_one: bool) -> None:
+    if isinstance(v, torch.Tensor):
+        return  # traced by torch.compile: a value check would break the graph; eager calls check
+    values = v if isinstance(v, list) else [v]
+    if not all(a > 0 and (a <= 1 if allow_one else a < 1) for a in values):  # False for NaN
         bound = "(0, 1]" if allow_one else "(0, 1)"
-        raise ValueError(f"{name}: {label} must lie in {bound} (NaN is invalid), got {v.tolist()}")
+        raise ValueError(f"{name}: {label} must lie in {bound} (NaN is invalid), got {values}")
 
 
-def _stack(columns, device) -> torch.Tensor:
-    rows = torch.broadcast_tensors(*columns)
-    return torch.stack(rows, dim=1).to(torch.float32).to(device).contiguous()
+def _coefficients(row, *values) -> torch.Tensor:
+    """The (1 or B, 6) float32 CPU rows of row(*values) (floats, lists of B floats, or
+    float64 tensors while tracing) per batch element."""
+    if any(isinstance(v, torch.Tensor) for v in values):
+        columns = [c if isinstance(c, torch.Tensor) else torch.tensor([c], dtype=torch.float64)
+                   for c in row(*values)]
+        return torch.stack(torch.broadcast_tensors(*columns), dim=1).to(torch.float32)
+    lists = [v if isinstance(v, list) else [v] for v in values]
+    count = max(len(v) for v in lists)
+    rows = [row(*(v[i] if len(v) > 1 else v[0] for v in lists)) for i in range(count)]
+    return torch.tensor(rows, dtype=torch.float32)
 
 
 def _seed_or_random(seed):
@@ -151,17 +179,21 @@ def ddim_step(x_t, eps, alpha_bar_t, alpha_bar_prev, *, eta=0.0, clip=False, see
     check_tensor(name, "x_t", x_t, min_ndim=1)
     if not eta >= 0:
         raise ValueError(f"{name}: eta must be >= 0, got {eta}")
-    batch, device = x_t.shape[0], x_t.device
+    batch = x_t.shape[0]
     ab_t = _per_batch(name, "alpha_bar_t", alpha_bar_t, batch)
     ab_prev = _per_batch(name, "alpha_bar_prev", alpha_bar_prev, batch)
     _check_alpha_bar(name, "alpha_bar_t", ab_t, allow_one=False)
     _check_alpha_bar(name, "alpha_bar_prev", ab_prev, allow_one=True)
-    sqrt_ab, sqrt_1m_ab = ab_t.sqrt(), (1 - ab_t).sqrt()
-    sigma = eta * ((1 - ab_prev) / (1 - ab_t)).sqrt() * (1 - ab_t / ab_prev).clamp(min=0).sqrt()
-    k = (1 - ab_prev - sigma**2).clamp(min=0).sqrt()
-    # x_prev = sqrt(ab_prev) x0 + k (x_t - sqrt(ab_t) x0) / sqrt(1 - ab_t) + sigma z
-    coef = _stack([1 / sqrt_ab, -sqrt_1m_ab / sqrt_ab, ab_prev.sqrt() - k * sqrt_ab / sqrt_1m_ab,
-                   k / sqrt_1m_ab, torch.zeros_like(k), sigma], device)
+
+    def row(ab_t, ab_prev):
+        sqrt_ab, sqrt_1m_ab = _sqrt(ab_t), _sqrt(1 - ab_t)
+        sigma = eta * _sqrt((1 - ab_prev) / (1 - ab_t)) * _sqrt(_nonnegative(1 - ab_t / ab_prev))
+        k = _sqrt(_nonnegative(1 - ab_prev - sigma**2))
+        # x_prev = sqrt(ab_prev) x0 + k (x_t - sqrt(ab_t) x0) / sqrt(1 - ab_t) + sigma z
+        return [1 / sqrt_ab, -sqrt_1m_ab / sqrt_ab, _sqrt(ab_prev) - k * sqrt_ab / sqrt_1m_ab, k / sqrt_1m_ab,
+                0.0, sigma]
+
+    coef = _coefficients(row, ab_t, ab_prev)
     add_noise = eta > 0
     return _noise_update(name, x_t, eps, coef, clip=clip, add_noise=add_noise,
                          seed=_seed_or_random(seed) if add_noise else 0, offset=offset,
@@ -184,19 +216,22 @@ def ddpm_step(x_t, eps, alpha_bar_t, alpha_bar_prev, *, clip=True, variance="fix
     check_tensor(name, "x_t", x_t, min_ndim=1)
     if variance not in ("fixed_small", "fixed_large"):
         raise ValueError(f"{name}: variance must be 'fixed_small' or 'fixed_large', got {variance!r}")
-    batch, device = x_t.shape[0], x_t.device
+    batch = x_t.shape[0]
     ab_t = _per_batch(name, "alpha_bar_t", alpha_bar_t, batch)
     ab_prev = _per_batch(name, "alpha_bar_prev", alpha_bar_prev, batch)
     _check_alpha_bar(name, "alpha_bar_t", ab_t, allow_one=False)
     _check_alpha_bar(name, "alpha_bar_prev", ab_prev, allow_one=True)
-    beta = (1 - ab_t / ab_prev).clamp(min=0)
-    c_x0 = beta * ab_prev.sqrt() / (1 - ab_t)
-    c_xt = (1 - ab_prev) * (1 - beta).sqrt() / (1 - ab_t)
-    var = beta * (1 - ab_prev) / (1 - ab_t) if variance == "fixed_small" else beta
-    sigma = torch.where(ab_prev < 1, var.sqrt(), torch.zeros_like(var))
-    sqrt_ab = ab_t.sqrt()
-    coef = _stack([1 / sqrt_ab, -(1 - ab_t).sqrt() / sqrt_ab, c_x0, c_xt, torch.zeros_like(c_x0), sigma],
-                  device)
+
+    def row(ab_t, ab_prev):
+        beta = _nonnegative(1 - ab_t / ab_prev)
+        c_x0 = beta * _sqrt(ab_prev) / (1 - ab_t)
+        c_xt = (1 - ab_prev) * _sqrt(1 - beta) / (1 - ab_t)
+        var = beta * (1 - ab_prev) / (1 - ab_t) if variance == "fixed_small" else beta
+        sigma = _sqrt(var) * (ab_prev < 1)  # the last step (ab_prev = 1) adds no noise
+        sqrt_ab = _sqrt(ab_t)
+        return [1 / sqrt_ab, -_sqrt(1 - ab_t) / sqrt_ab, c_x0, c_xt, 0.0, sigma]
+
+    coef = _coefficients(row, ab_t, ab_prev)
     return _noise_update(name, x_t, eps, coef, clip=clip, add_noise=True, seed=_seed_or_random(seed),
                          offset=offset, out=out, x0_out=x0_out, backend=backend)
 
@@ -208,20 +243,27 @@ def q_sample(x0, alpha_bar, *, seed=None, offset=0, return_noise=True, out=None,
     (seed, offset) (seed None: one drawn from torch's generator). Returns (x_t, z) with
     return_noise, else x_t alone: the loss can regenerate the same z later with
     philox_normal(x0.shape, seed, offset) instead of keeping it alive through the forward.
+    With return_noise, z is drawn once in x0's dtype and x_t combines that z; for float32 and
+    float64 that x_t is bit for bit the x_t of return_noise=False (which uses z in float32).
     """
     name = "q_sample"
     check_tensor(name, "x0", x0, min_ndim=1)
-    batch, device = x0.shape[0], x0.device
-    ab = _per_batch(name, "alpha_bar", alpha_bar, batch)
+    ab = _per_batch(name, "alpha_bar", alpha_bar, x0.shape[0])
     _check_alpha_bar(name, "alpha_bar", ab, allow_one=False)
-    zero = torch.zeros_like(ab)
-    coef = _stack([torch.ones_like(ab), zero, ab.sqrt(), zero, zero, (1 - ab).sqrt()], device)
     seed = _seed_or_random(seed)
-    x_t, _ = _noise_update(name, x0, None, coef, clip=False, add_noise=True, seed=seed, offset=offset,
-                           out=out, x0_out=None, backend=backend)
-    if not return_noise:
+    check_seed_offset(name, seed, offset)
+    if not return_noise:  # the noise is drawn inside the update
+        coef = _coefficients(lambda a: [1.0, 0.0, _sqrt(a), 0.0, 0.0, _sqrt(1 - a)], ab)
+        x_t, _ = _noise_update(name, x0, None, coef, clip=False, add_noise=True, seed=seed, offset=offset,
+                               out=out, x0_out=None, backend=backend)
         return x_t
-    return x_t, philox_normal(x0.shape, seed, offset, dtype=x0.dtype, device=device, backend=backend)
+    # The noise is wanted too: draw it once, then combine it as eps (the kernels' order of
+    # operations makes this the same arithmetic as drawing it inside).
+    z = philox_normal(x0.shape, seed, offset, dtype=x0.dtype, device=x0.device, backend=backend)
+    coef = _coefficients(lambda a: [1.0, 0.0, _sqrt(a), 0.0, _sqrt(1 - a), 0.0], ab)
+    x_t, _ = _noise_update(name, x0, z, coef, clip=False, add_noise=False, seed=seed, offset=offset,
+                           out=out, x0_out=None, backend=backend)
+    return x_t, z
 
 
 def philox_normal(shape, seed, offset=0, *, dtype=torch.float32, device=None, backend=None):

@@ -5,15 +5,20 @@ Noise element i of a call keyed by (seed, offset) is z(seed, offset + i), where 
     counter = g // 4 (as two 32-bit words, low first), lane = g % 4
     key     = seed (as two 32-bit words, low first)
     w0..w3  = Philox4x32-10(counter, key)
-    u_k     = ((w_k >> 8) + 0.5) / 2^24              uniform in (0, 1), exact in float32
-    lanes 0, 1: sqrt(-2 log u0) * (cos, sin)(2 pi u1)   (Box-Muller)
-    lanes 2, 3: sqrt(-2 log u2) * (cos, sin)(2 pi u3)
+    u_k     = ((w_k >> 9) + 1/2) / 2^23            uniform in (0, 1), exact in float32
+    lanes 0, 1: sqrt(-2 ln u0) * (cos, sin)(2 pi u1)   (Box-Muller)
+    lanes 2, 3: sqrt(-2 ln u2) * (cos, sin)(2 pi u3)
 
-so four neighbouring elements share one Philox evaluation, the noise of a tensor does not
-depend on its memory layout, and noise(seed, offset)[i] == noise(seed, 0)[offset + i]: calls
-that advance the offset by the number of elements drawn never reuse noise. The C++, CUDA and
-Triton kernels implement exactly this; they differ only in the last bits of log, cos and sin.
-This module is the reference in plain PyTorch (int64 arithmetic on 32-bit words).
+rounded to float32 (then to the output dtype), so four neighbouring elements share one
+Philox evaluation, |z| < 5.8, the noise of a tensor does not depend on its memory layout, and
+noise(seed, offset)[i] == noise(seed, 0)[offset + i]: calls that advance the offset by the
+number of elements drawn never reuse noise.
+
+The C++ and CUDA kernels (csrc/philox.h) and the Triton kernels (ops/triton/noise.py) all
+evaluate ln, cos and sin with the same short float32 polynomials (the angle reduced exactly,
+in integers), so they agree with each other and with this reference to a few float32 ulps
+(|difference| < 2e-6). This module is the reference in plain PyTorch: Philox in int64
+arithmetic on 32-bit words, the transcendental functions in float64, rounded once.
 """
 
 from __future__ import annotations
@@ -59,19 +64,23 @@ def philox4x32(counter: torch.Tensor, seed: int) -> list[torch.Tensor]:
     return [c0, c1, c2, c3]
 
 
+def uniform_from_words(words: torch.Tensor) -> torch.Tensor:
+    """u = ((w >> 9) + 1/2) / 2^23 in float64 (exact), from 32-bit words held in int64."""
+    return ((words >> 9).to(torch.float64) + 0.5) * 2.0**-23
+
+
 def philox_normal_reference(numel: int, seed: int, offset: int = 0, device=None,
                             dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """z(seed, offset + i) for i in range(numel), as a flat tensor, computed in float32."""
+    """z(seed, offset + i) for i in range(numel), as a flat tensor: float32 values in `dtype`."""
+    # g in [0, 2^64): int64 arithmetic wraps like the kernels' uint64, and the mask turns the
+    # arithmetic shift into their logical one
     g = torch.arange(numel, dtype=torch.int64, device=device) + offset
-    words = philox4x32(g >> 2, seed)
+    words = philox4x32((g >> 2) & (2**62 - 1), seed)
     lane = g & 3
     first = lane < 2
-    w_radius = torch.where(first, words[0], words[2])
-    w_angle = torch.where(first, words[1], words[3])
-    scale = 1.0 / 16777216.0  # 2^-24
-    u_radius = ((w_radius >> 8).to(torch.float32) + 0.5) * scale
-    u_angle = ((w_angle >> 8).to(torch.float32) + 0.5) * scale
+    u_radius = uniform_from_words(torch.where(first, words[0], words[2]))
+    u_angle = uniform_from_words(torch.where(first, words[1], words[3]))
     radius = torch.sqrt(-2.0 * torch.log(u_radius))
     angle = (2.0 * math.pi) * u_angle
     z = radius * torch.where((lane & 1) == 0, torch.cos(angle), torch.sin(angle))
-    return z.to(dtype)
+    return z.to(torch.float32).to(dtype)
