@@ -83,17 +83,19 @@ class ResBlock(nn.Module):
     def forward(self, x: torch.Tensor, emb: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         return self.consume([x, skip], emb)
 
-    def consume(self, inputs: list, emb: torch.Tensor) -> torch.Tensor:
+    def consume(self, inputs: list, emb: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
         """forward(x, emb, skip) with x and skip taken out of the list `inputs` (emptied): when
         the caller holds no other reference, they are freed as soon as the averaging has
-        used them (as the original frees h and the popped skip once it has averaged them)."""
+        used them (as the original frees h and the popped skip once it has averaged them).
+        overwrite: the fused block may also average in place into x while no gradients are
+        recorded (the caller guarantees that nothing else uses x)."""
         if self.checkpoint == "blocks" and torch.is_grad_enabled():
             # The recomputation calls the function again with the same arguments: no list.
             x, skip = inputs
             inputs.clear()
             return torch_checkpoint(lambda x, skip, emb: self._forward([x, skip], emb), x, skip, emb,
                                     use_reentrant=False)
-        return self._forward(inputs, emb)
+        return self._forward(inputs, emb, overwrite)
 
     def _in_pre(self, x, add, skip):
         return norm_act(self.in_layers[0], self.in_layers[1], x, add, skip)
@@ -106,13 +108,19 @@ class ResBlock(nn.Module):
             y = self.out_layers[2](y)
         return None, y
 
-    def _forward(self, inputs, emb):
+    def _forward(self, inputs, emb, overwrite=False):
         # Every intermediate is dropped as soon as it has been used: without gradients, at
         # most the residual and two full-size tensors are alive in the block.
         x, skip = inputs
         inputs.clear()
         add = self.emb_layers(emb)
         cheap = self.checkpoint == "cheap" and torch.is_grad_enabled()
+        if skip is not None and (not self.fused or (overwrite and not torch.is_grad_enabled()
+                                                    and x.dtype == skip.dtype and x.shape == skip.shape)):
+            # The baseline averages first, as the original; the fused block without gradients
+            # into x's memory ((x + skip) rounded once: halving is exact), freeing the skip.
+            x = x.add_(skip).mul_(0.5) if self.fused else (x + skip) / 2
+            skip = None
         if cheap:
             h, average = recomputed_pre_conv(self._in_pre, self.in_layers[2], x, skip,
                                              pre_params=self.in_layers[0].parameters())
@@ -350,7 +358,7 @@ class UNet3D(nn.Module):
             # frees them once averaged (called directly, so Module.__call__ holds none either).
             inputs = [h, skips.pop()]
             del h
-            h = block[0].consume(inputs, emb)
+            h = block[0].consume(inputs, emb, overwrite=True)
             if len(block) > 1:
                 h = block[1](h)
         return self.out(h)
