@@ -166,3 +166,20 @@ def test_bad_timesteps_are_refused():
         model(x, torch.zeros(3))
     with pytest.raises(TypeError, match="timesteps must be a tensor"):
         model(x, [0, 1])
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "baseline"])
+def test_inference_leaves_the_callers_tensors_alone(fused):
+    # The decoder averages in place into tensors it owns; what a caller passes is never written.
+    block = randomize(ResBlock(4, 4, emb_channels=3, groups=2, fused=fused)).eval()
+    x, skip, emb = torch.randn(1, 4, 2, 3, 2), torch.randn(1, 4, 2, 3, 2), torch.randn(1, 3)
+    copies = [t.clone() for t in (x, skip, emb)]
+    with torch.no_grad():
+        out = block(x, emb, skip=skip)
+        model = randomize(UNet3D(TINY, fused=fused)).eval()
+        inputs_ = inputs(TINY)[:2]
+        before = inputs_[0].clone()
+        model(*inputs_)
+    assert all(torch.equal(a, b) for a, b in zip((x, skip, emb), copies))
+    assert torch.equal(inputs_[0], before)
+    assert relative_error(out, block(x, emb, skip=skip).detach()) < 1e-6  # with gradients: no overwriting
