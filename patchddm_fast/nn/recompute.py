@@ -64,16 +64,28 @@ class _RecomputedPreConv(torch.autograd.Function):
         targets = [t for t in (stored_, add_, *pre_params) if t is not None and t.requires_grad]
         found = dict(zip(map(id, targets), torch.autograd.grad(y, targets, grad_y.to(y.dtype)))
                      if targets and y.requires_grad else ())
-        grad_stored, grad_add = found.get(id(stored_)), found.get(id(add_)) if add_ is not None else None
+        del y, grad_y  # full-size: freed before the skip's gradient is formed
+        grad_stored, grad_add = found.pop(id(stored_), None), found.get(id(add_)) if add_ is not None else None
         grad_x = grad_skip = grad_stored
         if ctx.has_skip:
-            total = grad_average if grad_stored is None else grad_stored + grad_average
-            grad_x = grad_skip = total * 0.5
+            if grad_stored is None:
+                grad_x = grad_skip = grad_average * 0.5
+            else:
+                # grad_stored is ours (fresh from autograd.grad): summed in place.
+                if _shares_memory(grad_stored, grad_out, grad_average):
+                    grad_stored = grad_stored.clone()
+                grad_x = grad_skip = grad_stored.add_(grad_average).mul_(0.5)
+            del grad_stored
         return (None, None, None, grad_x, grad_skip if ctx.has_skip else None, grad_add,
                 *(found.get(id(p)) for p in pre_params),
                 grad_weight.to(weight.dtype) if grad_weight is not None else None,
                 *((grad_bias.to(conv_params[1].dtype) if grad_bias is not None else None,)
                   if has_bias else ()))
+
+
+def _shares_memory(t: torch.Tensor, *others) -> bool:
+    storage = t.untyped_storage().data_ptr()
+    return any(o is not None and o.untyped_storage().data_ptr() == storage for o in others)
 
 
 def recomputed_pre_conv(pre: Pre, conv: nn.Conv3d, x: torch.Tensor, skip: torch.Tensor | None = None,
