@@ -216,6 +216,35 @@ def training_step(variant: str = "ours", preset: str = "small", size=32, batch: 
     return run
 
 
+def unet_pass(variant: str = "ours", preset: str = "small", size=32, batch: int = 1, precision: str = "float32",
+              train: bool = False, device: str = "cpu"):
+    """The U-Net alone: a no-grad forward, or (train) forward, MSE to a random target and
+    backward. run() returns the output (forward) or the loss (train), detached."""
+    shape = _spatial(size, preset)
+    model = make_model(preset, variant, device, train=train)
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn((batch, model.config.in_channels) + shape, generator=generator).to(device)
+    t = torch.randint(0, 1000, (batch,), generator=generator).to(device)
+    target = torch.randn((batch, model.config.out_channels) + shape, generator=generator).to(device)
+    amp = autocast(device, precision)
+
+    def forward():
+        with torch.no_grad(), amp:
+            return model(x, t)
+
+    def train_step():
+        with amp:
+            out = model(x, t)
+        loss = torch.nn.functional.mse_loss(out.float(), target)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    run = train_step if train else forward
+    run.held = [model, x, t, target]
+    return run
+
+
 def full_volume_sampling(variant: str = "ours", preset: str = "small", size=32, members: int = 5,
                          steps: int = STEPS, precision: str = "float32", device: str = "cpu", seed: int = 0):
     """Segmenting one volume: `steps` DDIM steps for each of `members` ensemble members, then
@@ -237,6 +266,7 @@ def full_volume_sampling(variant: str = "ours", preset: str = "small", size=32, 
 
     if variant == "ours":
         sampler = FullVolumeSampler(model, steps=steps, ensemble_size=members, precision=precision, progress=False)
+        sampler.plan(volume)  # measures its memory per voxel once per sampler: setup, not sampling
 
         def run():
             result = sampler.sample(volume, seed=seed)
@@ -358,6 +388,7 @@ def measure(benchmark, run, *, device, group: str, name: str, target: str | None
     """The suite's standard benchmark: check, peak memory, warm-up, time, record.
 
     check: called first (e.g. compare run's result with a reference); it raises on failure.
+    When it calls run, that call is a warm-up too: pass warmup_rounds=0 to skip another.
     Peak memory: on CUDA torch.cuda.max_memory_allocated over one run (after a warm-up run);
     on the CPU the peak RSS growth of one run of `target` (a workload "module:function"
     called with `kwargs`) in a fresh process, when a target is given.
