@@ -79,7 +79,7 @@ class FallbackBenchmark:
 
     def as_dict(self) -> dict:
         return dict(group=self.group, name=self.name, fullname=self.fullname, params=self.params,
-                    extra_info=self.extra_info, stats=self.stats.as_dict())
+                    extra_info=self.extra_info, stats=self.stats.stats.as_dict())
 
 
 def add_options(parser) -> None:

@@ -2,8 +2,9 @@
 
 GPU: torch.cuda.max_memory_allocated over the work, minus what was allocated before it.
 CPU: the work runs in a fresh Python process; its peak resident set size (VmHWM) over the
-work minus its resident size just before (after imports and inputs): the allocator state of
-the benchmark process cannot inflate or hide anything.
+work minus its resident size just before (after imports, inputs and one warm-up run): the
+allocator state of the benchmark process cannot inflate or hide anything, and glibc's mmap
+threshold is pinned so that freed tensors leave the resident set (see cpu_peak_bytes).
 
 Live tensors (any device, also shapes only): `tensor_peak_bytes` counts the bytes of the
 tensors alive while a run executes (the tracker of patchddm_fast.diffusion.memory, keyed by
@@ -172,6 +173,12 @@ def cuda_peak_bytes(run) -> int:
 def cpu_peak_bytes(target: str, timeout: float = 1800, **kwargs) -> int:
     """Peak RSS growth of `target` (module:setup function) run once in a fresh process."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # glibc raises its mmap threshold after the warm-up frees a large block, so the measured
+    # run would reuse freed, still-resident heap pages and show little or no growth (seen:
+    # -0.2 MiB for a training step, and +-40% from run to run). A fixed threshold keeps every
+    # large tensor in its own mapping, returned to the system when freed.
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    env.setdefault("MALLOC_TRIM_THRESHOLD_", "0")
     result = subprocess.run([sys.executable, "-m", "benchmarks.memory", target, json.dumps(kwargs)],
                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
     if result.returncode != 0:

@@ -83,6 +83,8 @@ class Plan:
 
 
 def default_plan(device: str, paper_scale: bool = False, sizes=None) -> Plan:
+    """The points of this device's study; sizes (or PATCHDDM_SCALING_SIZES=64,128,...) replaces
+    the sampling sizes."""
     if torch.device(device).type == "cuda":
         plan = Plan(preset="paper", sample_sizes=(64, 128, 192, 256, 320, 384, 448), train_sizes=(64, 128, 192),
                     ensemble_size=128, members=(1, 2, 4, 8), batches=(1, 2, 4),
@@ -96,6 +98,7 @@ def default_plan(device: str, paper_scale: bool = False, sizes=None) -> Plan:
         plan = Plan(preset="small", sample_sizes=(16, 32, 48), train_sizes=(16, 32), ensemble_size=16,
                     members=(1, 2, 4), batches=(1, 2), sample_modes=(("baseline", "float32"), ("ours", "float32")),
                     train_modes=(("baseline", "float32"), ("ours", "float32")), rounds=2)
+    sizes = sizes or [int(s) for s in os.environ.get("PATCHDDM_SCALING_SIZES", "").split(",") if s.strip()]
     if sizes:
         plan.sample_sizes = tuple(sizes)
     return plan

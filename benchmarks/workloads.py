@@ -58,15 +58,16 @@ def _spatial(size, preset: str) -> tuple[int, int, int]:
     return shape
 
 
-def make_model(preset: str, variant: str, device: str, train: bool = False, checkpoint: str = "off"):
-    """The preset's U-Net, fused (ours) or plain PyTorch (baseline), with the same weights for
-    the same seed. Its zero-initialised output layers are re-drawn so that outputs are not 0
+def make_model(preset: str, variant: str, device: str, train: bool = False, checkpoint: str = "off",
+               fused: bool | None = None):
+    """The preset's U-Net, fused (ours; or as `fused` says) or plain PyTorch (baseline), with
+    the same weights for the same seed. Its zero-initialised output layers are re-drawn so that outputs are not 0
     (a zero output would hide errors in the checks and skip work in some kernels)."""
     from patchddm_fast.nn import PRESETS, ResBlock, UNet3D
 
     _check_choice("variant", variant, VARIANTS)
     torch.manual_seed(0)
-    model = UNet3D(PRESETS[preset], fused=variant == "ours", checkpoint=checkpoint)
+    model = UNet3D(PRESETS[preset], fused=variant == "ours" if fused is None else fused, checkpoint=checkpoint)
     zero_initialised = [block.out_layers[3] for block in model.modules() if isinstance(block, ResBlock)]
     for conv in zero_initialised + [model.out[2]]:
         torch.nn.init.normal_(conv.weight, std=0.02)
@@ -101,15 +102,17 @@ def _alpha_bars(scheduler, t: int) -> tuple[float, float]:
 # -- workloads ---------------------------------------------------------------------------------
 
 def sampling_step(variant: str = "ours", preset: str = "small", size=32, members: int = 1,
-                  precision: str = "float32", device: str = "cpu"):
+                  precision: str = "float32", device: str = "cpu", fused: bool | None = None):
     """One no-grad DDIM step of full-volume sampling: `members` ensemble members batched.
-    run() returns x_t after the step; ours and baseline start from the same x_t."""
+    run() returns x_t after the step; ours and baseline start from the same x_t.
+    fused: the U-Net (default: fused for ours, plain for the baseline); ours with fused=False
+    is our sampling loop (buffer, fused update) around the plain network."""
     from patchddm_fast.diffusion import DDIMScheduler
     from patchddm_fast.diffusion.sampling import predict_noise
     from patchddm_fast.ops import assemble_input, coord_encoding
 
     shape = _spatial(size, preset)
-    model = make_model(preset, variant, device).eval()
+    model = make_model(preset, variant, device, fused=fused).eval()
     generator = torch.Generator().manual_seed(1)
     image = torch.randn((1, 4) + shape, generator=generator).to(device)
     scheduler = DDIMScheduler().set_timesteps(STEPS)
