@@ -301,9 +301,9 @@ def full_volume_sampling(variant: str = "ours", preset: str = "small", size=32, 
 # -- checking --------------------------------------------------------------------------------
 
 # Largest relative error ||actual - expected|| / ||expected|| accepted against a float32
-# reference: float32 arithmetic in another order lands far below 1e-4; bf16 autocast of the
-# network between 1e-3 and 1e-2.
-TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2}
+# reference: float32 arithmetic in another order lands far below 1e-4; one bf16 op between
+# 1e-3 and 1e-2, and a whole network under bf16 autocast compounds that over its layers.
+TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
