@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field
 
@@ -294,9 +293,12 @@ def plot(points: list[Point], path: str, capacity_rows: list[dict] | None = None
     counted = [p for p in points if p.memory_source.startswith("fake")]
     figure, axes = plt.subplots(1, 3, figsize=(17, 5))
     series: dict[tuple, list[Point]] = {}
+    ensemble_edges = {(p.mode, p.size) for p in measured if p.members > 1}
     for p in measured:
-        kind = "size" if (p.members == 1) else "members"
-        series.setdefault((kind, p.label, p.size if kind == "members" else None), []).append(p)
+        if p.members > 1 or (p.mode, p.size) in ensemble_edges:  # the x1 point starts the ensemble line
+            series.setdefault(("members", p.label, p.size), []).append(p)
+        if p.members == 1:
+            series.setdefault(("size", p.label, None), []).append(p)
     for (kind, label, edge), group in sorted(series.items(), key=lambda item: str(item[0])):
         group.sort(key=lambda p: p.voxels)
         style = "-o" if kind == "size" else "--s"

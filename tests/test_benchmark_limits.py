@@ -150,3 +150,13 @@ def test_fit_and_largest_cube():
     assert rows[0]["24GiB_largest"] == int(((24 * 2**30 - 1000) / 7) ** (1 / 3) // 64) * 64
     with pytest.raises(ValueError, match="two sizes"):
         scaling.fit_linear(points[:1])
+
+
+@pytest.mark.parametrize("variant", ["baseline", "ours"])
+def test_counted_sampling_step_equals_a_real_step(variant):
+    from benchmarks.memory import tensor_peak_bytes
+    from benchmarks.workloads import sampling_step
+
+    real = tensor_peak_bytes(sampling_step(variant, "small", 16, members=2))["total"]
+    # equal up to the step's few scalars (timesteps, update coefficients): under a kilobyte
+    assert scaling.sampling_step_bytes(variant, "small", 16, members=2) == pytest.approx(real, abs=1024)
