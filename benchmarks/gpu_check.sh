@@ -131,7 +131,7 @@ if [ $HAVE_PYTEST = 1 ] && [ $GPU = 1 ]; then
     # most telling first; each file gets its cap or what is left, minus 40 s for the table
     for spec in test_limits.py:90 test_ops_group_norm_silu.py:60 test_ops_noise.py:40 test_unet.py:70 \
                 test_sampler.py:45 test_end_to_end.py:90 test_train.py:60 test_ops_coords.py:40 \
-                test_scaling.py:120 test_data.py:40; do
+                test_scaling.py:150 test_data.py:40; do
         file=${spec%%:*}; cap=${spec##*:}
         [ -f "benchmarks/$file" ] || continue
         if ! $PY -c "import benchmarks.${file%.py}" >> "$LOG" 2>&1; then

@@ -86,9 +86,9 @@ def default_plan(device: str, paper_scale: bool = False, sizes=None) -> Plan:
     the sampling sizes."""
     if torch.device(device).type == "cuda":
         plan = Plan(preset="paper", sample_sizes=(64, 128, 192, 256, 320, 384, 448), train_sizes=(64, 128, 192),
-                    ensemble_size=128, members=(1, 2, 4, 8), batches=(1, 2, 4),
+                    ensemble_size=128, members=(1, 2, 4), batches=(1, 2),
                     sample_modes=(("baseline", "float32"), ("ours", "float32"), ("ours", "bfloat16")),
-                    train_modes=(("baseline", "bfloat16"), ("ours", "bfloat16")), rounds=3)
+                    train_modes=(("baseline", "bfloat16"), ("ours", "bfloat16")), rounds=2)
     elif paper_scale:  # the paper's network on a CPU: slow, a few points only
         plan = Plan(preset="paper", sample_sizes=(64, 128), train_sizes=(64,), ensemble_size=64, members=(1, 2),
                     batches=(1,), sample_modes=(("baseline", "float32"), ("ours", "float32")),
