@@ -142,14 +142,21 @@ def test_loader_two_workers(benchmark, cases, sizes, cached):
     _record(benchmark, batch * batches)
 
 
+def _skip_large_unless_paper(shape, paper_scale):
+    if shape[0] > 64 and not paper_scale:
+        pytest.skip("BraTS-sized phantoms at paper scale only (--paper-scale or a GPU machine): 40 s on a CPU")
+
+
 @pytest.mark.benchmark(group="phantom")
 @pytest.mark.parametrize("shape", [(64, 64, 64), (240, 240, 155)], ids=["64^3", "240x240x155"])
-def test_phantom_generation(benchmark, shape):
+def test_phantom_generation(benchmark, shape, paper_scale):
+    _skip_large_unless_paper(shape, paper_scale)
     seeds = itertools.count()
     benchmark.pedantic(lambda: generate_phantom(shape, next(seeds)), rounds=3 if shape[0] > 64 else 10)
 
 
 @pytest.mark.benchmark(group="phantom")
-def test_phantom_writing_240(benchmark, tmp_path):
+def test_phantom_writing_240(benchmark, tmp_path, paper_scale):
+    _skip_large_unless_paper((240, 240, 155), paper_scale)
     seeds = itertools.count()
     benchmark.pedantic(lambda: write_phantoms(tmp_path, n=1, shape=(240, 240, 155), first=next(seeds) + 1), rounds=2)
