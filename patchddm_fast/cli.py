@@ -424,7 +424,9 @@ def _input_errors() -> tuple[type[BaseException], ...]:
 def _one_line(error: BaseException) -> str:
     lines = str(error).strip().splitlines() or [type(error).__name__]
     message = lines[0].rstrip(":")
-    counts = [f"{len(v)} {k}" for k in ("missing", "unexpected", "mismatched") if (v := getattr(error, k, None))]
+    counts = [f"{len(v)} {label}" for attribute, label in (("missing", "missing"), ("unexpected", "unexpected"),
+                                                           ("mismatched", "mis-shaped"))
+              if (v := getattr(error, attribute, None))]
     if counts:
         message += f" ({', '.join(counts)} tensor(s); --traceback lists them)"
     elif len(lines) > 1:
