@@ -346,16 +346,23 @@ def sample_folder(checkpoint: str | os.PathLike, input_path: str | os.PathLike, 
     output_dir. Problems with single cases are reported in the returned SampleReport; problems
     with the whole run (no cases, unreadable checkpoint) raise DataError or
     CheckpointMismatchError before anything is written."""
-    cases, report = find_cases(input_path, with_label=False)
     output_dir = Path(output_dir).expanduser()
     if output_dir.exists() and not output_dir.is_dir():
         raise DataError(f"{output_dir}: exists and is not a folder")
+    cases, report = find_cases(input_path, with_label=False)
+    # An OUTPUT inside INPUT holds our own results, not a case.
+    outputs = output_dir.resolve()
+    cases = [c for c in cases if not c.folder.resolve().is_relative_to(outputs)]
+    problems = [p for p in report.errors if not (p.case_id == output_dir.name and outputs.is_relative_to(
+        Path(input_path).expanduser().resolve()))]
+    if not cases and not problems:
+        raise DataError(f"{input_path}: holds no case besides the output folder {output_dir}")
     loaded = load_model(checkpoint, device=resolve_device(device))
     segmenter = Segmenter(loaded, settings, progress=progress)
     segmenter.sampler()  # checks the steps against the model's schedule before any work
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    outcomes = [CaseOutcome(p.case_id, "failed", p.message) for p in report.errors]
+    outcomes = [CaseOutcome(p.case_id, "failed", p.message) for p in problems]
     for outcome in outcomes:
         log(f"{outcome.case_id}: FAILED: {outcome.message}")
     log(f"{len(cases)} case(s) to sample from {input_path} on {loaded.device} ({settings.steps} steps, "

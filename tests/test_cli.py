@@ -168,17 +168,19 @@ def test_sample_interrupted_keeps_finished_cases(workspace, tmp_path, capsys, mo
 
 
 def test_sample_one_case_folder_and_skip_existing(workspace, tmp_path, capsys):
+    """INPUT may be one case folder; OUTPUT may lie inside INPUT (it is not taken for a case)."""
     root, data, checkpoint = workspace
     case = _case_ids(data)[0]
-    out = tmp_path / "out"
-    status, stdout, _ = _run(capsys, "sample", checkpoint, data / case, out, *SAMPLE_ARGS, "--no-montage")
+    shutil.copytree(data / case, tmp_path / case)
+    out = tmp_path / case / "predictions"
+    status, stdout, _ = _run(capsys, "sample", checkpoint, tmp_path / case, out, *SAMPLE_ARGS, "--no-montage")
     assert status == 0 and "1 case(s) written" in stdout
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [output_path(out, case, kind).name for kind in NIFTI_OUTPUTS] + ["sampling.json"])
     stamp = output_path(out, case, "mask").stat().st_mtime_ns
-    status, stdout, _ = _run(capsys, "sample", checkpoint, data / case, out, *SAMPLE_ARGS, "--no-montage",
+    status, stdout, _ = _run(capsys, "sample", checkpoint, tmp_path / case, out, *SAMPLE_ARGS, "--no-montage",
                              "--skip-existing")
-    assert status == 0 and "skipped (outputs exist)" in stdout
+    assert status == 0 and "skipped (outputs exist)" in stdout and "FAILED" not in stdout
     assert output_path(out, case, "mask").stat().st_mtime_ns == stamp
 
 
