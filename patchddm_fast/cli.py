@@ -53,7 +53,7 @@ class _Formatter(argparse.HelpFormatter):
         default = action.default
         if isinstance(default, (list, tuple)):
             default = " ".join(map(str, default)) if isinstance(default, list) else ",".join(map(str, default))
-        return f"{text} (default: {default})"
+        return f"{text} (default: {str(default).replace('%', '%%')})"
 
 
 def _shape_arg(text: str) -> tuple[int, int, int]:
@@ -256,13 +256,22 @@ def _run_train(args) -> int:
     module = _train_module()
     if module is None:
         raise _InputError("the trainer (patchddm_fast.train) is not installed in this copy of patchddm_fast")
-    config = module.config_from_args(args)
+    from .inference import resolve_device
+
+    try:
+        config = module.config_from_args(args)
+    except ValueError as error:  # every invalid setting, one per line
+        problems = [line.strip() for line in str(error).splitlines()[1:] if line.strip()] or [str(error)]
+        raise _InputError("invalid training settings: " + "; ".join(problems)) from None
+    resolve_device(config.device)  # a clear message for a device that is not there
     result = module.train(config, progress=not args.quiet)
     print(f"checkpoint: {result.checkpoint}")
-    print(f"steps: {result.steps}, last loss: {result.last_loss:.5f}"
-          + (f", validation Dice: {result.validation_dice:.4f}" if result.validation_dice is not None else ""))
+    print(f"steps: {result.steps}"
+          + (f", last loss: {result.last_loss:.5f}" if result.last_loss is not None else "")
+          + (f", validation Dice: {result.validation_dice:.4f}" if result.validation_dice is not None else "")
+          + f", {result.seconds / 60:.1f} min")
     if result.interrupted:
-        print("training was interrupted; resume it with the same command and --resume", file=sys.stderr)
+        print("training was interrupted; continue it with the same command and --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     return EXIT_OK
 

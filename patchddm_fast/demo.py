@@ -2,37 +2,28 @@
 
 1. writes synthetic brain-tumour phantoms in BraTS's layout (OUT/data);
 2. trains a small PatchDDM on patches of the training cases with the trainer's demo recipe
-   (patchddm_fast.train.demo_recipe; checkpoints and logs in OUT/train);
+   (patchddm_fast.train.demo_recipe; checkpoints and the training log in OUT/train);
 3. samples the whole held-out volumes (the split's validation and test cases, never seen in
-   training) with a small ensemble (OUT/predictions: mask, mean, uncertainty, montage per case);
+   training) with the recipe's small ensemble (OUT/predictions: mask, mean, uncertainty and a
+   montage per case, as `patchddm sample` writes them);
 4. scores them against their ground truth (OUT/evaluation.csv) and prints the table, where
-   everything is, and last `mean Dice <value>`.
+   everything is, and last `mean Dice <value>` (printed by the command).
+
+--quick shrinks every stage (fewer and smaller phantoms, a few dozen training steps, 2 sampling
+steps): a smoke test of the whole chain in a minute or two, not a good segmentation.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import importlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import DataError, find_cases, split_cases, write_phantoms
+from .data import DataError
 from .evaluation import Evaluation, evaluate_folders, format_table, write_csv
 from .inference import SamplingSettings, Segmenter, case_seed, load_model, resolve_device, write_case_outputs
-
-
-@dataclass(frozen=True)
-class DemoPlan:
-    """What the demo does besides training (the trainer's demo_recipe says how to train)."""
-    cases: int = 10  # phantoms written; the split holds out 1 validation and 1 test case of 10
-    size: int = 48  # phantom grid (voxels per axis)
-    seed: int = 0
-    steps: int = 10  # DDIM steps for sampling the held-out volumes
-    ensemble: int = 3
-
-
-QUICK = DemoPlan(cases=4, size=32, steps=2, ensemble=2)
 
 
 @dataclass
@@ -47,8 +38,6 @@ class DemoResult:
 
 
 def _trainer():
-    import importlib
-
     try:
         return importlib.import_module(f"{__package__}.train")
     except ModuleNotFoundError as error:
@@ -58,54 +47,48 @@ def _trainer():
         raise
 
 
-def _training_config(trainer, data_dir: Path, train_dir: Path, plan: DemoPlan, quick: bool, device: str):
-    """The trainer's demo recipe pointed at the demo's folders (and shortened for --quick)."""
-    config = trainer.demo_recipe()
-    changes = {"data_dir": data_dir, "out_dir": train_dir}
-    names = {f.name for f in dataclasses.fields(config)}
-    if "device" in names:
-        changes["device"] = device
-    if "volume_shape" in names:
-        changes["volume_shape"] = (plan.size,) * 3
-    if quick and "steps" in names:
-        changes["steps"] = min(int(config.steps), 20)
-    return dataclasses.replace(config, **{k: v for k, v in changes.items() if k in names})
+def quick_recipe(recipe):
+    """The --quick variant of a demo recipe: 4 phantoms of 32^3, 20 training steps of 2 patches,
+    2 sampling steps with an ensemble of 2."""
+    return recipe.replace(cases=4, size=32, steps=20, batch_size=2, warmup_steps=5, sample_steps=2, ensemble=2)
 
 
-def run_demo(out_dir: str | Path = "patchddm_demo", *, quick: bool = False, device: str = "auto",
-             plan: DemoPlan | None = None, progress: bool = True,
-             log: Callable[[str], None] = lambda m: print(m, flush=True)) -> DemoResult:
-    plan = plan or (QUICK if quick else DemoPlan())
+def run_demo(out_dir: str | Path = "patchddm_demo", *, quick: bool = False, device: str = "auto", recipe=None,
+             progress: bool = True, log: Callable[[str], None] = lambda m: print(m, flush=True)) -> DemoResult:
+    """Runs the demo under out_dir (see the module docstring). recipe: a
+    patchddm_fast.train.DemoRecipe (default: demo_recipe(), or its quick variant)."""
     out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"{out_dir}: exists and is not a folder")
     device = str(resolve_device(device))
     trainer = _trainer()
+    if recipe is None:
+        recipe = quick_recipe(trainer.demo_recipe()) if quick else trainer.demo_recipe()
     start = time.perf_counter()
     data_dir, train_dir, pred_dir = out_dir / "data", out_dir / "train", out_dir / "predictions"
 
-    log(f"[1/4] writing {plan.cases} phantoms of {plan.size}^3 to {data_dir}")
-    write_phantoms(data_dir, n=plan.cases, shape=(plan.size,) * 3, seed=plan.seed, progress=progress)
-    cases, _ = find_cases(data_dir)
-    parts = split_cases(cases)
-    held_out = parts["validation"] + parts["test"]
-    log(f"      {len(parts['train'])} training case(s); held out: {', '.join(c.case_id for c in held_out)}")
+    log(f"[1/4] writing {recipe.cases} phantoms of {recipe.size}^3 voxels to {data_dir}")
+    recipe.write_phantoms(data_dir, progress=progress)
+    held_out = recipe.held_out(data_dir)
+    log(f"      held out from training: {', '.join(c.case_id for c in held_out)}")
 
-    config = _training_config(trainer, data_dir, train_dir, plan, quick, device)
-    log(f"[2/4] training on {device} ({train_dir})")
+    config = recipe.train_config(data_dir, train_dir, device=device)
+    log(f"[2/4] training a {config.preset} PatchDDM for {config.steps} steps on {device} (into {train_dir})")
     trained = trainer.train(config, progress=progress)
+    if trained.interrupted or trained.checkpoint is None:
+        log(f"training stopped after {trained.steps} steps; its last checkpoint: {trained.checkpoint}")
+        return DemoResult(out_dir, float("nan"), None, trained.checkpoint, time.perf_counter() - start,
+                          interrupted=True)
     checkpoint = Path(trained.checkpoint)
-    if trained.interrupted:
-        log(f"training interrupted; the last checkpoint is {checkpoint}")
-        return DemoResult(out_dir, float("nan"), None, checkpoint, time.perf_counter() - start, interrupted=True)
+    log(f"      {trained.steps} steps in {trained.seconds / 60:.1f} min, last loss {trained.last_loss:.4f}")
 
-    log(f"[3/4] sampling {len(held_out)} held-out volume(s): {plan.steps} steps, ensemble {plan.ensemble}")
-    loaded = load_model(checkpoint, device=device)
-    segmenter = Segmenter(loaded, SamplingSettings(steps=plan.steps, ensemble=plan.ensemble, seed=plan.seed),
-                          progress=progress)
+    log(f"[3/4] sampling {len(held_out)} held-out whole volume(s): {recipe.sample_steps} DDIM steps, "
+        f"ensemble of {recipe.ensemble}")
+    settings = SamplingSettings(steps=recipe.sample_steps, ensemble=recipe.ensemble, seed=recipe.seed)
+    segmenter = Segmenter(load_model(checkpoint, device=device), settings, progress=progress)
     for case in held_out:
         prepared = segmenter.prepare(case)
-        result = segmenter.segment(prepared, seed=case_seed(plan.seed, case.case_id))
+        result = segmenter.segment(prepared, seed=case_seed(recipe.seed, case.case_id))
         write_case_outputs(pred_dir, prepared, result)
         log(f"      {case.case_id}: {int(result.mask.sum())} tumour voxels")
 

@@ -122,22 +122,31 @@ def _shape_or_none(value, name: str):
 
 
 def _schedule_from(info: dict) -> NoiseSchedule:
-    """The noise schedule a checkpoint was trained with (linear over 1000 steps, the paper's,
-    when it does not say)."""
-    schedule = info.get("schedule", info.get("noise_schedule"))
+    """The noise schedule a checkpoint was trained with: info["schedule"] is a NoiseSchedule, a
+    name, or settings {"name", "num_timesteps", "beta_start", "beta_end"} as the trainer
+    records them; PatchDDM's (linear, 1000 steps) when the checkpoint does not say."""
+    schedule = info.get("schedule")
     if isinstance(schedule, NoiseSchedule):
         return schedule
-    name, steps = "linear", 1000
-    if isinstance(schedule, dict):
-        name = schedule.get("name", schedule.get("kind", name))
-        steps = schedule.get("num_timesteps", schedule.get("timesteps", steps))
-    elif isinstance(schedule, str):
-        name = schedule
-    steps = int(info.get("num_timesteps", info.get("diffusion_steps", steps)))
+    settings = dict(schedule) if isinstance(schedule, dict) else {"name": schedule or "linear"}
+    name, steps = settings.get("name", "linear"), settings.get("num_timesteps", 1000)
     try:
-        return NoiseSchedule.from_name(str(name), steps)
-    except ValueError as error:
+        if name == "linear":
+            return NoiseSchedule.linear(int(steps), float(settings.get("beta_start", 1e-4)),
+                                        float(settings.get("beta_end", 0.02)))
+        return NoiseSchedule.from_name(str(name), int(steps))
+    except (TypeError, ValueError) as error:
         raise CheckpointMismatchError(f"the checkpoint's noise schedule {schedule!r} is not usable: {error}") from None
+
+
+def _recorded_extra(path: Path) -> dict:
+    """The `extra` entry of a patchddm_fast checkpoint (memory-mapped: the weights are not read)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return {}
+    extra = payload.get("extra") if isinstance(payload, dict) else None
+    return extra if isinstance(extra, dict) else {}
 
 
 def _is_plain_state_dict(path: Path) -> bool:
@@ -180,6 +189,11 @@ def load_model(path: str | os.PathLike, *, device: torch.device | str = "cpu", e
         raise CheckpointMismatchError(f"{path}: cannot be loaded as a patchddm_fast checkpoint "
                                       f"({type(error).__name__}: {error})") from None
     info = dict(info or {})
+    if info.get("volume_shape") is None:  # e.g. written by `patchddm import-checkpoint`
+        recorded = _recorded_extra(path)
+        for key in ("volume_shape", "patch_shape", "schedule"):
+            if info.get(key) is None and recorded.get(key) is not None:
+                info[key] = recorded[key]
     config = getattr(model, "config", None)
     in_channels = getattr(config, "in_channels", None)
     out_channels = getattr(config, "out_channels", None)

@@ -320,3 +320,47 @@ def test_python_dash_m_subprocess(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "1 phantom case(s)" in done.stdout
     assert len(list((tmp_path / "ph" / "Phantom_001").glob("*.nii.gz"))) == 5
+
+
+# -- train and demo (through patchddm_fast.train) ----------------------------------------------
+
+TINY_TRAIN = ["--steps", "2", "--batch-size", "1", "--patch", "16", "--width", "4", "--num-workers", "0",
+              "--save-every", "1", "--device", "cpu", "-q"]
+
+
+def test_train_command(workspace, tmp_path, capsys):
+    root, data, checkpoint = workspace
+    out = tmp_path / "run"
+    status, stdout, _ = _run(capsys, "train", data, out, *TINY_TRAIN)
+    assert status == 0, stdout
+    assert "steps: 2" in stdout
+    loaded = load_model(out / "last.pt")
+    assert loaded.patch_shape == (16, 16, 16) and loaded.volume_shape == (32, 32, 32)  # 17 -> 32: from the data
+    assert loaded.model.config.model_channels == 4
+    status, _, err = _run(capsys, "train", data, tmp_path / "bad", *TINY_TRAIN[:4], "--patch", "12")
+    assert status == 2
+    _assert_clean_error(err, "invalid training settings", "patch")
+    status, _, err = _run(capsys, "train", tmp_path / "nothing", tmp_path / "bad", *TINY_TRAIN)
+    assert status == 2
+    _assert_clean_error(err, "nothing")
+
+
+def test_demo_command(tmp_path, capsys, monkeypatch):
+    """`patchddm demo --quick` end to end, with the quick recipe shrunk to seconds."""
+    import patchddm_fast.demo as demo
+
+    monkeypatch.setattr(demo, "quick_recipe", lambda recipe: recipe.replace(
+        cases=3, size=16, patch=16, width=4, steps=2, batch_size=1, warmup_steps=0, sample_steps=1, ensemble=2))
+    out = tmp_path / "demo"
+    status, stdout, _ = _run(capsys, "demo", "--quick", "--out", out, "--device", "cpu", "-q")
+    assert status == 0, stdout
+    last = stdout.strip().splitlines()[-1]
+    assert last.startswith("mean Dice ")
+    rows = {r["case"]: r for r in csv.DictReader(open(out / "evaluation.csv"))}
+    assert float(last.split()[-1]) == pytest.approx(float(rows["mean"]["dice"]), abs=1e-4)
+    held_out = [case for case in rows if case not in ("mean", "std", "median")]
+    assert len(held_out) == 2  # the split of 3 cases holds out one validation and one test case
+    assert (out / "train" / "last.pt").is_file()
+    for case in held_out:
+        assert nib.load(output_path(out / "predictions", case, "mask")).shape == (16, 16, 16)
+        assert matplotlib.image.imread(output_path(out / "predictions", case, "montage")).ndim == 3
