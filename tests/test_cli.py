@@ -59,6 +59,16 @@ def _partials(folder: Path):
     return [p for p in folder.rglob("*") if "partial" in p.name or p.name.endswith(".tmp")]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread: these tiny convolutions gain nothing from more, and on a shared
+    machine OpenMP threads waiting for each other make them many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
