@@ -232,39 +232,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- train ------------------------------------------------------------------------------------
 
-def _train_module():
-    import importlib
-
-    try:
-        return importlib.import_module(f"{__package__}.train")
-    except ModuleNotFoundError as error:
-        if error.name == f"{__package__}.train":
-            return None
-        raise
-
-
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    module = _train_module()
-    if module is None:
-        parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-        parser.description += "\n\n(The trainer, patchddm_fast.train, is not installed in this copy.)"
-        return
-    module.add_train_arguments(parser)
+    from .train import add_train_arguments
+
+    add_train_arguments(parser)
 
 
 def _run_train(args) -> int:
-    module = _train_module()
-    if module is None:
-        raise _InputError("the trainer (patchddm_fast.train) is not installed in this copy of patchddm_fast")
     from .inference import resolve_device
+    from .train import config_from_args, train
 
     try:
-        config = module.config_from_args(args)
+        config = config_from_args(args)
     except ValueError as error:  # every invalid setting, one per line
         problems = [line.strip() for line in str(error).splitlines()[1:] if line.strip()] or [str(error)]
         raise _InputError("invalid training settings: " + "; ".join(problems)) from None
     resolve_device(config.device)  # a clear message for a device that is not there
-    result = module.train(config, progress=not args.quiet)
+    result = train(config, progress=not args.quiet)
     print(f"checkpoint: {result.checkpoint}")
     print(f"steps: {result.steps}"
           + (f", last loss: {result.last_loss:.5f}" if result.last_loss is not None else "")

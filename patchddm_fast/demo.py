@@ -15,7 +15,6 @@ steps): a smoke test of the whole chain in a minute or two, not a good segmentat
 
 from __future__ import annotations
 
-import importlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from pathlib import Path
 from .data import DataError
 from .evaluation import Evaluation, evaluate_folders, format_table, write_csv
 from .inference import SamplingSettings, Segmenter, case_seed, load_model, resolve_device, write_case_outputs
+from .train import demo_recipe, train
 
 
 @dataclass
@@ -35,16 +35,6 @@ class DemoResult:
     seconds: float
     failed_cases: list[str] = field(default_factory=list)
     interrupted: bool = False
-
-
-def _trainer():
-    try:
-        return importlib.import_module(f"{__package__}.train")
-    except ModuleNotFoundError as error:
-        if error.name == f"{__package__}.train":
-            raise DataError("the demo needs the trainer (patchddm_fast.train), which is not installed in this copy") \
-                from None
-        raise
 
 
 def quick_recipe(recipe):
@@ -61,9 +51,8 @@ def run_demo(out_dir: str | Path = "patchddm_demo", *, quick: bool = False, devi
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"{out_dir}: exists and is not a folder")
     device = str(resolve_device(device))
-    trainer = _trainer()
     if recipe is None:
-        recipe = quick_recipe(trainer.demo_recipe()) if quick else trainer.demo_recipe()
+        recipe = quick_recipe(demo_recipe()) if quick else demo_recipe()
     start = time.perf_counter()
     data_dir, train_dir, pred_dir = out_dir / "data", out_dir / "train", out_dir / "predictions"
 
@@ -74,7 +63,7 @@ def run_demo(out_dir: str | Path = "patchddm_demo", *, quick: bool = False, devi
 
     config = recipe.train_config(data_dir, train_dir, device=device)
     log(f"[2/4] training a {config.preset} PatchDDM for {config.steps} steps on {device} (into {train_dir})")
-    trained = trainer.train(config, progress=progress)
+    trained = train(config, progress=progress)
     if trained.interrupted or trained.checkpoint is None:
         log(f"training stopped after {trained.steps} steps; its last checkpoint: {trained.checkpoint}")
         return DemoResult(out_dir, float("nan"), None, trained.checkpoint, time.perf_counter() - start,

@@ -31,7 +31,7 @@ import torch
 from .data import PAPER_VOLUME, CaseError, CaseFiles, DataError, PreparedCase, find_cases, load_case, prepare_raw
 from .data.preprocess import as_shape
 from .diffusion import DDIMScheduler, FullVolumeSampler, NoiseSchedule, SegmentationResult
-from .nn import CheckpointMismatchError, load_checkpoint, read_state_dict
+from .nn import CheckpointMismatchError, read_state_dict
 
 # The sampler's precision names, and the short spellings the command line accepts.
 PRECISIONS = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
@@ -99,19 +99,6 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
 
-def _trainer_loader():
-    """patchddm_fast.train.load_trained_model, or None while the trainer is not installed."""
-    import importlib
-
-    try:
-        module = importlib.import_module(f"{__package__}.train")
-    except ModuleNotFoundError as error:
-        if error.name == f"{__package__}.train":
-            return None
-        raise
-    return module.load_trained_model
-
-
 def _shape_or_none(value, name: str):
     if value is None:
         return None
@@ -172,13 +159,11 @@ def load_model(path: str | os.PathLike, *, device: torch.device | str = "cpu", e
         raise DataError(f"{path}: no such checkpoint file")
     if not path.is_file():
         raise DataError(f"{path}: is a folder, not a checkpoint file")
+    from .train import load_trained_model
+
     device = torch.device(device)
-    trainer_loader = _trainer_loader()
     try:
-        if trainer_loader is not None:
-            model, info = trainer_loader(path, ema=ema, map_location="cpu")
-        else:
-            model, info = load_checkpoint(path, map_location="cpu")
+        model, info = load_trained_model(path, ema=ema, map_location="cpu")
     except CheckpointMismatchError as error:
         if _is_plain_state_dict(path):
             raise CheckpointMismatchError(
