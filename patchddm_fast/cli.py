@@ -174,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "Samples every case of DATA_DIR (with segmentations) at each number of --steps with the "
                     "largest --ensemble, scores the ensembles of every size (the first n members), and writes "
                     "OUT_DIR/sweep_cases.csv, sweep_summary.csv and sweep.png (Dice and HD95 against steps, one "
-                    "line per ensemble size).")
+                    "line per ensemble size).\n"
+                    "  e.g. patchddm sweep last.pt BraTS2020_TrainingData sweep/ --subset test --steps 3 10 20 50 "
+                    "--ensemble 1 5 15")
     sweep.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint from `patchddm train`")
     sweep.add_argument("data_dir", metavar="DATA_DIR", help="a folder of cases with segmentations")
     sweep.add_argument("out_dir", metavar="OUT_DIR", help="folder for the CSVs and the plot")
