@@ -104,12 +104,13 @@ class RunLog:
             self._board.add_scalar("validation/dice", dice, step)
         self.message(f"step {step}: validation Dice {dice:.4f} on {len(cases)} case(s) ({seconds:.0f} s)")
 
-    def message(self, text: str) -> None:
-        """A line above the progress bar (or to the log when there is none)."""
+    def message(self, text: str, important: bool = False) -> None:
+        """A line above the progress bar, or else to the log (at warning level when important,
+        so that it shows even where logging is not configured)."""
         if not self.active:
             return
         if self._bar.disable:
-            logger.info("patchddm_fast: %s", text)
+            logger.log(logging.WARNING if important else logging.INFO, "patchddm_fast: %s", text)
         else:
             self._bar.write(text)
 

@@ -211,7 +211,7 @@ class _Run:
             return
         try:
             self.save()
-            self.log.message(f"saved {self.out_dir / LAST} at step {self.step}")
+            self.log.message(f"saved {self.out_dir / LAST} at step {self.step}", important=True)
         except Exception as exc:  # the original error matters more
             logger.error("patchddm_fast: could not save a checkpoint after the failure: %s", exc)
 
@@ -296,7 +296,7 @@ class _Run:
                     interrupted = True
                     why = self.stop.signal_name or "a stop request"
                     self.log.message(f"stopped by {why} after step {self.step}; saved {self.out_dir / LAST} "
-                                     "(continue with --resume)")
+                                     "(continue with --resume)", important=True)
                     break
         except KeyboardInterrupt:
             if self.stop.requested:  # a second Ctrl-C: stop at once, as asked
@@ -305,7 +305,7 @@ class _Run:
             self._save_after_failure()
             if not self.consistent:
                 self.log.message(f"interrupted during a parameter update; {self.out_dir / LAST} holds step "
-                                 f"{self.saved_step}")
+                                 f"{self.saved_step}", important=True)
         except BaseException:
             self._save_after_failure()
             raise
