@@ -1,0 +1,100 @@
+"""Data-parallel training under torchrun, and the single-process case, behind one interface.
+
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK in each process's environment; when they are
+there (and WORLD_SIZE > 1) the process group is initialised (NCCL on CUDA, gloo on the CPU)
+and the model is wrapped in DistributedDataParallel. Without them, nothing changes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+# Validation runs on rank 0 while the others wait at a barrier: give it time.
+_TIMEOUT = datetime.timedelta(hours=2)
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """'auto': this process's GPU (cuda:LOCAL_RANK) when CUDA is available, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {device!r} was asked for, but CUDA is not available here")
+        if resolved.index is None:
+            resolved = torch.device("cuda", local_rank)
+        if resolved.index >= torch.cuda.device_count():
+            raise RuntimeError(f"device {resolved} does not exist: {torch.cuda.device_count()} GPU(s) visible")
+    return resolved
+
+
+class Distributed:
+    """rank, world_size, device, and the few collective operations the trainer needs."""
+
+    def __init__(self, device: str = "auto"):
+        rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
+        self.world_size = world if world is not None else 1
+        self.rank = rank if rank is not None else 0
+        self.local_rank = _env_int("LOCAL_RANK") or 0
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"RANK={self.rank} is not in [0, WORLD_SIZE={self.world_size})")
+        self.device = resolve_device(device, self.local_rank)
+        self.enabled = self.world_size > 1
+        self._owns_group = False
+        if self.enabled and not dist.is_initialized():
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, rank=self.rank, world_size=self.world_size, timeout=_TIMEOUT)
+            self._owns_group = True
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model as trained: DistributedDataParallel when data-parallel, else itself."""
+        if not self.enabled:
+            return model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum of the values over all processes (the values themselves alone)."""
+        if not self.enabled:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64,
+                              device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor.tolist()
+
+    def broadcast_flag(self, flag: bool) -> bool:
+        """Rank 0's flag, on every process."""
+        if not self.enabled:
+            return flag
+        tensor = torch.tensor([1.0 if flag else 0.0], device=self.device if self.device.type == "cuda" else "cpu")
+        dist.broadcast(tensor, src=0)
+        return bool(tensor.item())
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self._owns_group = False

@@ -1,0 +1,339 @@
+"""The patch trainer: the diffusion loss on random patches, AdamW, checkpoints that never lose work.
+
+One step: a batch of patches from the data loader (image, coordinates and an empty x_t channel,
+written by the fused input assembly), the fused q_sample writes x_t in place, the U-Net predicts
+the noise under autocast, the MSE is back-propagated (scaled for fp16), gradients are unscaled
+and clipped, AdamW steps, the EMA follows. Every random draw of a step is a function of the run's
+seed and the sample numbers (see objective.py and patchddm_fast.data.patches), so a resumed
+run repeats exactly what the uninterrupted one would have done, and data-parallel processes
+together do what one process does on the combined batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import torch
+
+from ..data import DataError, PatchDataset, find_cases, make_patch_loader, split_cases
+from ..nn import UNet3D
+from .checkpoints import (LAST, SCHEDULE, checkpoint_exists, make_schedule, read_training_checkpoint,
+                          remove_stale_temporaries, restore_rng_states, rng_states, save_training_checkpoint,
+                          step_path)
+from .config import SAMPLER_PRECISION, TrainConfig
+from .distributed import Distributed
+from .ema import WeightAverage
+from .interrupt import StopRequest, ignore_interrupts
+from .logs import RunLog
+from .objective import noise_prediction_loss, sample_draws, sample_numbers
+from .validation import Validator
+
+logger = logging.getLogger("patchddm_fast")
+
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainResult:
+    """checkpoint: the last checkpoint written (None if none could be); steps: optimizer steps
+    done in total; last_loss: the loss of the last step (mean over processes); interrupted:
+    stopped by Ctrl-C / SIGTERM / a callback before reaching config.steps; validation_dice:
+    the mean Dice of the last validation (None without); seconds: this session's wall time."""
+    checkpoint: Path | None
+    steps: int
+    last_loss: float | None
+    interrupted: bool
+    validation_dice: float | None
+    out_dir: Path
+    seconds: float
+
+
+def data_volume_edge(case, size_multiple: int) -> int:
+    """The padded volume of a data set: a cube whose edge is the case's longest axis rounded up
+    to a multiple of lcm(size_multiple, 16) (BraTS's 240 x 240 x 155 -> 256 for the paper's
+    network, as the original pads; 64^3 phantoms -> 64)."""
+    shape = nib.load(str(case.files["t1"])).shape[:3]
+    multiple = math.lcm(size_multiple, 16)
+    return multiple * math.ceil(max(shape) / multiple)
+
+
+class _Run:
+    """One session of a training run in one process (see train())."""
+
+    def __init__(self, config: TrainConfig, distributed: Distributed, stop: StopRequest, progress: bool,
+                 callback):
+        self.config, self.dist, self.stop, self.callback = config, distributed, stop, callback
+        self.device = distributed.device
+        self.out_dir = Path(config.out_dir)
+        self.started = time.perf_counter()
+        self.step = self.samples_done = 0
+        self.elapsed_before = 0.0
+        self.last_loss = None
+        self.validation_dice = None
+        self.saved_step = None
+        self.consistent = True  # False while the parameters and optimizer are being updated
+        self.checkpoint_path = None
+
+        self._prepare_out_dir()
+        train_cases, validation_cases = self._cases()
+        network = config.network
+        self.patch = config.patch_edge
+        resumed = self._read_resume() if config.resume else None
+        if resumed is not None:
+            self._check_compatible(resumed)
+        self.volume = config.volume or (resumed[1]["shapes"]["volume"][0] if resumed
+                                        else data_volume_edge(train_cases[0], network.size_multiple))
+        self.volume = max(self.volume, self.patch) if config.volume is None else self.volume
+        self.schedule = make_schedule(SCHEDULE)
+
+        torch.manual_seed(config.seed)  # the initial weights
+        self.model = UNet3D(network, fused=True, checkpoint=config.memory_option).to(self.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr_at(0),
+                                           weight_decay=config.weight_decay)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
+        self.ema = WeightAverage(self.model, config.ema) if config.ema else None
+        if resumed is not None:
+            self._restore(*resumed)
+        self.trained = distributed.wrap(self.model)
+        dtype = _AUTOCAST_DTYPES.get(config.precision)
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+
+        self.dataset = PatchDataset(train_cases, patch_shape=self.patch, volume_shape=self.volume, seed=config.seed,
+                                    cache_bytes=config.cache_bytes)
+        self.validator = None
+        if config.validate_every and distributed.is_main:
+            if validation_cases:
+                self.validator = Validator(validation_cases[:config.validate_cases], (self.volume,) * 3,
+                                           steps=config.validate_steps, ensemble=config.validate_ensemble,
+                                           schedule=self.schedule, precision=SAMPLER_PRECISION[config.precision],
+                                           seed=config.seed)
+            else:
+                logger.warning("patchddm_fast: no validation cases in %s (the split gave none); validation is off",
+                               config.data_dir)
+        self.log = RunLog(self.out_dir, active=distributed.is_main, total_steps=config.steps, first_step=self.step,
+                          progress=progress, time_offset=self.elapsed_before)
+        if resumed is not None:
+            self.log.message(f"resumed from {self.out_dir / LAST} at step {self.step}")
+
+    # -- setup ------------------------------------------------------------------------------
+    def _prepare_out_dir(self) -> None:
+        c = self.config
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise NotADirectoryError(f"{self.out_dir}: exists and is not a folder")
+        if c.resume and not checkpoint_exists(self.out_dir):
+            raise FileNotFoundError(f"{self.out_dir}: nothing to resume, there is no {LAST} in it")
+        if not c.resume and checkpoint_exists(self.out_dir):
+            raise FileExistsError(f"{self.out_dir}: already holds a training run ({LAST}); pass resume=True "
+                                  "(--resume) to continue it, or choose another output folder")
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.out_dir)
+        self.dist.barrier()
+
+    def _cases(self):
+        cases, report = find_cases(self.config.data_dir)
+        if report.problems and self.dist.is_main:
+            logger.warning("patchddm_fast: problems in %s:\n%s", self.config.data_dir, report.format())
+        parts = split_cases(cases)
+        if not parts["train"]:
+            raise DataError(f"{self.config.data_dir}: the split left no training cases (of {len(cases)} usable)")
+        return parts["train"], parts["validation"]
+
+    def _read_resume(self):
+        return read_training_checkpoint(self.out_dir / LAST, map_location=self.device)
+
+    def _check_compatible(self, resumed) -> None:
+        model, extra = resumed
+        c = self.config
+        if model.config != c.network:
+            raise ValueError(f"{self.out_dir / LAST}: its network {model.config} differs from the one asked for "
+                             f"({c.network}; preset {c.preset!r}, width {c.width}); resume with the same settings")
+        shapes = extra["shapes"]
+        if shapes["patch"][0] != c.patch_edge:
+            raise ValueError(f"{self.out_dir / LAST}: trained on {shapes['patch'][0]}^3 patches, but patch={c.patch_edge}")
+        if c.volume is not None and shapes["volume"][0] != c.volume:
+            raise ValueError(f"{self.out_dir / LAST}: trained on a {shapes['volume'][0]}^3 volume, but volume={c.volume}")
+        before = extra["train_config"]
+        if before.get("seed") != c.seed:
+            logger.warning("patchddm_fast: resuming with seed %s instead of %s: later draws differ from an "
+                           "uninterrupted run", c.seed, before.get("seed"))
+        if before.get("batch_size", 0) * extra.get("world_size", 1) != c.batch_size * self.dist.world_size:
+            logger.warning("patchddm_fast: the global batch changed since the checkpoint; the run continues from "
+                           "the same data position but is no longer identical to an uninterrupted one")
+
+    def _restore(self, model: UNet3D, extra: dict) -> None:
+        self.model.load_state_dict(model.state_dict())
+        self.optimizer.load_state_dict(extra["optimizer"])
+        if self.scaler.is_enabled() and extra.get("scaler"):
+            self.scaler.load_state_dict(extra["scaler"])
+        if self.ema is not None and extra.get("ema"):
+            self.ema.load_state_dict(extra["ema"])
+            self.ema.decay = self.config.ema
+        restore_rng_states(extra["rng"])
+        self.step, self.samples_done = int(extra["step"]), int(extra["samples_done"])
+        self.elapsed_before = float(extra.get("elapsed", 0.0))
+        self.last_loss = extra.get("last_loss")
+        self.saved_step = self.step
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _state(self) -> dict:
+        c = self.config
+        resolved = c.replace(patch=self.patch, volume=self.volume, lr=c.learning_rate, checkpoint=c.memory_option)
+        return dict(step=self.step, samples_done=self.samples_done, train_config=resolved.to_dict(),
+                    optimizer=self.optimizer.state_dict(),
+                    scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                    ema=self.ema.state_dict() if self.ema is not None else None, rng=rng_states(),
+                    schedule=dict(SCHEDULE),
+                    shapes={"patch": [self.patch] * 3, "volume": [self.volume] * 3,
+                            "image_channels": self.model.config.in_channels - 4},
+                    world_size=self.dist.world_size, last_loss=self.last_loss, precision=c.precision,
+                    elapsed=self.elapsed_before + time.perf_counter() - self.started)
+
+    def save(self, keep: bool = False) -> None:
+        """Writes last.pt (and step_NNNNNNN.pt when keep) on rank 0."""
+        if self.dist.is_main:
+            state = self._state()
+            if keep:
+                save_training_checkpoint(step_path(self.out_dir, self.step), self.model, **state)
+            save_training_checkpoint(self.out_dir / LAST, self.model, **state)
+        self.saved_step = self.step
+        self.checkpoint_path = self.out_dir / LAST
+
+    def _save_after_failure(self) -> None:
+        """A checkpoint of the state as it stands, when it is consistent and newer than the last."""
+        if not self.consistent or self.saved_step == self.step:
+            return
+        try:
+            self.save()
+            self.log.message(f"saved {self.out_dir / LAST} at step {self.step}", important=True)
+        except Exception as exc:  # the original error matters more
+            logger.error("patchddm_fast: could not save a checkpoint after the failure: %s", exc)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def _loader(self):
+        loader = make_patch_loader(self.dataset, self.config.batch_size, num_workers=self.config.num_workers,
+                                   start=self.samples_done, rank=self.dist.rank, world_size=self.dist.world_size,
+                                   pin_memory=self.device.type == "cuda")
+        if self.config.num_workers > 0:
+            loader.worker_init_fn = ignore_interrupts
+        return loader
+
+    def _train_step(self, batch) -> tuple[float, bool]:
+        """One optimizer step; returns (loss averaged over processes, whether any process asked to stop)."""
+        c, world = self.config, self.dist.world_size
+        inputs = batch.input.to(self.device, non_blocking=True)
+        mask = batch.mask.to(self.device, non_blocking=True)
+        numbers = sample_numbers(self.samples_done, c.batch_size, self.dist.rank, world)
+        timesteps, seeds = sample_draws(c.seed, numbers, self.schedule.num_timesteps)
+        lr = c.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss = noise_prediction_loss(self.trained, inputs, mask, self.schedule, timesteps, seeds, self.autocast())
+        total, votes = self.dist.sum([loss.item(), 1.0 if self.stop.requested else 0.0])
+        mean_loss = total / world
+        if not math.isfinite(mean_loss) and not self.scaler.is_enabled():
+            raise FloatingPointError(f"the loss is {mean_loss} at step {self.step + 1} (precision {c.precision}); "
+                                     f"{self.out_dir / LAST} holds the last good state (try a lower lr or fp32)")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.consistent = False
+        self.scaler.unscale_(self.optimizer)
+        if c.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.step += 1
+        self.samples_done += c.batch_size * world
+        self.last_loss = mean_loss
+        self.consistent = True
+        return mean_loss, votes > 0
+
+    def _validate(self) -> None:
+        if self.validator is not None:
+            evaluation = self.validator.evaluate(self.ema.module if self.ema is not None else self.model)
+            self.validation_dice = evaluation.mean_dice
+            self.log.validation(self.step, evaluation.mean_dice, evaluation.cases, evaluation.seconds)
+        self.dist.barrier()
+
+    def run(self) -> TrainResult:
+        c = self.config
+        interrupted = False
+        if self.step >= c.steps:
+            self.log.message(f"nothing to do: {self.step} steps done already (steps={c.steps})")
+            self.checkpoint_path = self.out_dir / LAST
+            self.log.close()
+            return self._result(False)
+        self.trained.train()
+        smoothed = None
+        try:
+            batches = iter(self._loader())
+            last = time.perf_counter()
+            while self.step < c.steps:
+                loss, stop = self._train_step(next(batches))
+                now = time.perf_counter()
+                rate = c.batch_size * self.dist.world_size / max(now - last, 1e-9)
+                last = now
+                smoothed = loss if smoothed is None or not math.isfinite(smoothed) else 0.9 * smoothed + 0.1 * loss
+                self.log.step(self.step, loss, c.lr_at(self.step - 1), rate, now - self.started, smoothed)
+                if self.callback is not None and self.callback(self.step, loss):
+                    stop = True
+                finished = self.step == c.steps
+                keep = bool(c.keep_every) and self.step % c.keep_every == 0
+                if stop or finished or keep or self.step % c.save_every == 0:
+                    self.save(keep=keep)
+                if c.validate_every and (finished or self.step % c.validate_every == 0):
+                    self._validate()
+                    last = time.perf_counter()  # validation time is not training throughput
+                if stop and not finished:
+                    interrupted = True
+                    why = self.stop.signal_name or "a stop request"
+                    self.log.message(f"stopped by {why} after step {self.step}; saved {self.out_dir / LAST} "
+                                     "(continue with --resume)", important=True)
+                    break
+        except KeyboardInterrupt:
+            if self.stop.requested:  # a second Ctrl-C: stop at once, as asked
+                raise
+            interrupted = True
+            self._save_after_failure()
+            if not self.consistent:
+                self.log.message(f"interrupted during a parameter update; {self.out_dir / LAST} holds step "
+                                 f"{self.saved_step}", important=True)
+        except BaseException:
+            self._save_after_failure()
+            raise
+        finally:
+            self.log.close()
+        return self._result(interrupted)
+
+    def _result(self, interrupted: bool) -> TrainResult:
+        path = self.checkpoint_path if self.checkpoint_path is not None and self.checkpoint_path.exists() else None
+        return TrainResult(checkpoint=path, steps=self.step, last_loss=self.last_loss, interrupted=interrupted,
+                           validation_dice=self.validation_dice, out_dir=self.out_dir,
+                           seconds=time.perf_counter() - self.started)
+
+
+def train(config: TrainConfig, *, progress: bool = True, callback=None) -> TrainResult:
+    """Trains (or, with config.resume, continues training) PatchDDM's U-Net; see TrainConfig.
+
+    Under torchrun each process trains on its own share of every batch (DistributedDataParallel)
+    and only rank 0 writes files. Ctrl-C or SIGTERM: the current step finishes, last.pt is
+    written, and the result says interrupted=True (a second Ctrl-C stops at once).
+    progress: a progress bar (rank 0). callback(step, loss) -> truthy to stop after that step
+    (as Ctrl-C would); it runs on every process, and in data-parallel runs must answer alike.
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"train() takes a TrainConfig, got {type(config).__name__}")
+    distributed = Distributed(config.device)
+    try:
+        with StopRequest() as stop:
+            return _Run(config, distributed, stop, progress, callback).run()
+    finally:
+        distributed.close()

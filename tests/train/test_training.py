@@ -1,0 +1,87 @@
+"""Training runs on tiny phantoms: the loss falls, every step is logged, the options work."""
+
+import math
+
+import pytest
+import torch
+from train_helpers import tiny_config
+
+from patchddm_fast.train import LAST, load_trained_model, read_training_checkpoint, train
+from patchddm_fast.train.logs import STEP_LOG, VALIDATION_LOG, read_jsonl
+
+
+def test_short_run_lowers_the_loss(phantoms, tmp_path):
+    out = tmp_path / "run"
+    result = train(tiny_config(phantoms, out, steps=30, lr=2e-3, save_every=10, keep_every=20,
+                               validate_every=30, validate_cases=1, validate_steps=3, validate_ensemble=2),
+                   progress=False)
+    records = read_jsonl(out / STEP_LOG)
+    assert [r["step"] for r in records] == list(range(1, 31))
+    assert all(set(r) == {"step", "loss", "lr", "patches_per_s", "time"} for r in records)
+    assert all(r["patches_per_s"] > 0 for r in records)
+    times = [r["time"] for r in records]
+    assert times == sorted(times)
+    losses = [r["loss"] for r in records]
+    # The network starts predicting zero noise (zero-initialised output layer): MSE ~ 1 against
+    # unit Gaussian noise. Training must cut it well below that.
+    first, last = sum(losses[:5]) / 5, sum(losses[-10:]) / 10
+    assert 0.8 < first < 1.2
+    assert last < 0.6 * first, (first, last)
+    assert result.last_loss == losses[-1] and not result.interrupted and result.steps == 30
+    assert (result.checkpoint, sorted(p.name for p in out.glob("*.pt"))) == (out / LAST, ["last.pt", "step_0000020.pt"])
+    assert not list(out.glob("*.tmp"))
+    validation = read_jsonl(out / VALIDATION_LOG)
+    assert len(validation) == 1 and validation[0]["step"] == 30
+    assert 0.0 <= validation[0]["dice"] <= 1.0 and result.validation_dice == validation[0]["dice"]
+    assert list(validation[0]["cases"]) == ["Phantom_005"] or len(validation[0]["cases"]) == 1
+
+
+def test_checkpoint_contents(phantoms, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(phantoms, out, steps=3, save_every=100), progress=False)
+    model, extra = read_training_checkpoint(out / LAST)
+    assert (extra["step"], extra["samples_done"], extra["world_size"]) == (3, 6, 1)
+    assert extra["shapes"] == {"patch": [16] * 3, "volume": [24] * 3, "image_channels": 4}
+    assert extra["train_config"]["lr"] == 1e-3 and extra["train_config"]["checkpoint"] == "off"
+    assert extra["ema"]["updates"] == 3 and extra["scaler"] is None
+    assert set(extra["rng"]) == {"torch", "cuda", "numpy", "python"}
+    ema_model, info = load_trained_model(out / LAST)
+    raw_model, raw_info = load_trained_model(out / LAST, ema=False)
+    assert info["ema"] and not raw_info["ema"] and not ema_model.training
+    assert info["volume_shape"] == (24, 24, 24) and info["patch_shape"] == (16, 16, 16)
+    assert info["schedule"]["name"] == "linear" and info["schedule"]["num_timesteps"] == 1000
+    assert info["step"] == 3 and math.isclose(info["last_loss"], extra["last_loss"])
+    for name, value in raw_model.state_dict().items():
+        assert torch.equal(value, model.state_dict()[name])
+    differs = [n for n, v in ema_model.state_dict().items() if not torch.equal(v, raw_model.state_dict()[n])]
+    assert differs  # the average lags behind the trained weights
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision(phantoms, tmp_path, precision):
+    out = tmp_path / precision
+    result = train(tiny_config(phantoms, out, steps=2, precision=precision, checkpoint="cheap"), progress=False)
+    assert result.steps == 2 and math.isfinite(result.last_loss)
+    _, extra = read_training_checkpoint(out / LAST)
+    assert extra["precision"] == precision
+    assert (extra["scaler"] is not None) == (precision == "fp16")
+    if precision == "fp16":
+        assert extra["scaler"]["scale"] > 0
+
+
+def test_existing_run_is_never_overwritten(phantoms, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(phantoms, out, steps=1), progress=False)
+    before = (out / LAST).read_bytes()
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(tiny_config(phantoms, out, steps=2), progress=False)
+    assert (out / LAST).read_bytes() == before
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        train(tiny_config(phantoms, tmp_path / "empty", steps=2, resume=True), progress=False)
+    with pytest.raises(ValueError, match="patch"):
+        train(tiny_config(phantoms, out, steps=2, patch=8, resume=True), progress=False)
+
+
+def test_missing_data_folder_is_named(tmp_path):
+    with pytest.raises(Exception, match="no such folder"):
+        train(tiny_config(tmp_path / "nowhere", tmp_path / "out"), progress=False)
