@@ -28,7 +28,8 @@ def test_readme_has_python_examples_and_both_commands():
 
 @pytest.mark.parametrize("index", range(len(PYTHON_BLOCKS)))
 def test_readme_python_example_runs(index, tmp_path):
-    # A fresh interpreter, as a reader pasting the block would have.
+    # A fresh interpreter, as a reader pasting the block would have, finding this checkout's package.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(README.parent), os.environ.get("PYTHONPATH")])))
     result = subprocess.run([sys.executable, "-c", PYTHON_BLOCKS[index]], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=300, env=dict(os.environ))
+                            text=True, timeout=300, env=env)
     assert result.returncode == 0, f"README example {index} failed:\n{PYTHON_BLOCKS[index]}\n{result.stderr}"
