@@ -59,8 +59,13 @@ def test_checkpoint_contents(phantoms, tmp_path):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_reduced_precision(phantoms, tmp_path, precision):
+    # bf16 on 24^3 patches: PyTorch's CPU bf16 convolution weight gradients at 2^3 voxels (the
+    # deepest level of a 16^3 patch) are sometimes NaN; from 3^3 up they are sound. fp16 has no
+    # fast CPU convolution: the smallest patches.
     out = tmp_path / precision
-    result = train(tiny_config(phantoms, out, steps=2, precision=precision, checkpoint="cheap"), progress=False)
+    patch = 24 if precision == "bf16" else 16
+    result = train(tiny_config(phantoms, out, steps=2, patch=patch, precision=precision, checkpoint="cheap",
+                               channels_last=True), progress=False)
     assert result.steps == 2 and math.isfinite(result.last_loss)
     _, extra = read_training_checkpoint(out / LAST)
     assert extra["precision"] == precision
