@@ -37,6 +37,7 @@ from .validation import Validator
 logger = logging.getLogger("patchddm_fast")
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_MAX_SKIPPED = 5  # consecutive steps with non-finite gradients before a run gives up
 
 
 @dataclass
@@ -86,6 +87,7 @@ class _Run:
         self.validation_dice = None
         self.saved_step = None
         self.consistent = True  # False while the parameters and optimizer are being updated
+        self.skipped = 0  # consecutive updates skipped for non-finite gradients
         self.checkpoint_path = None
 
         self._prepare_out_dir()
@@ -253,14 +255,27 @@ class _Run:
                                      f"{self.out_dir / LAST} holds the last good state (try a lower lr or fp32)")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        self.consistent = False
         self.scaler.unscale_(self.optimizer)
-        if c.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        if self.ema is not None:
-            self.ema.update(self.model)
+        gradients = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(gradients)
+        if self.scaler.is_enabled() or math.isfinite(norm.item()):
+            self.skipped = 0
+            if c.grad_clip:
+                torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), c.grad_clip, norm)
+            self.consistent = False
+            self.scaler.step(self.optimizer)  # fp16: skipped by the scaler when not finite
+            self.scaler.update()
+            if self.ema is not None:
+                self.ema.update(self.model)
+        else:
+            # Without loss scaling a non-finite gradient would poison the weights; leave them
+            # as they are for this batch (all processes see the same reduced gradients).
+            self.skipped += 1
+            self.log.message(f"step {self.step + 1}: non-finite gradients, the update is skipped", important=True)
+            if self.skipped >= _MAX_SKIPPED:
+                raise FloatingPointError(f"non-finite gradients in {self.skipped} steps in a row up to step "
+                                         f"{self.step + 1} (precision {c.precision}); "
+                                         f"{self.out_dir / LAST} holds the last good state (try a lower lr or fp32)")
         self.step += 1
         self.samples_done += c.batch_size * world
         self.last_loss = mean_loss
