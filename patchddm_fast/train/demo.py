@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..data import find_cases, split_cases, write_phantoms
-from .config import TrainConfig
+from .config import SAMPLER_PRECISION, TrainConfig
 from .trainer import train
 from .validation import evaluate_checkpoint
 
@@ -48,13 +48,16 @@ class DemoRecipe:
     warmup_steps: int = 50
     ema: float | None = 0.99
     grad_clip: float | None = 1.0
+    precision: str = "fp32"
+    channels_last: bool = False
     num_workers: int = 0
     seed: int = 0
     sample_steps: int = 10
     ensemble: int = 3
 
     _TRAIN_FIELDS = ("preset", "width", "patch", "volume", "steps", "batch_size", "lr", "lr_schedule",
-                     "lr_min_ratio", "warmup_steps", "ema", "grad_clip", "num_workers", "seed")
+                     "lr_min_ratio", "warmup_steps", "ema", "grad_clip", "precision", "channels_last",
+                     "num_workers", "seed")
 
     def train_config(self, data_dir, out_dir, **overrides) -> TrainConfig:
         """The TrainConfig of the recipe (checkpoints every 100 steps, no periodic validation)."""
@@ -72,6 +75,12 @@ class DemoRecipe:
         cases, _ = find_cases(data_dir)
         parts = split_cases(cases)
         return parts["validation"] + parts["test"]
+
+    def evaluate(self, checkpoint, data_dir, progress: bool = False):
+        """Dice of a checkpoint on the held-out cases of data_dir, sampled as the demo does."""
+        return evaluate_checkpoint(checkpoint, self.held_out(data_dir), steps=self.sample_steps, ensemble=self.ensemble,
+                                   seed=self.seed, precision=SAMPLER_PRECISION[self.precision], progress=progress,
+                                   channels_last=self.channels_last)
 
     def replace(self, **changes) -> "DemoRecipe":
         return dataclasses.replace(self, **changes)
@@ -106,12 +115,19 @@ def run_demo(out_dir, recipe: DemoRecipe | None = None, *, progress: bool = True
     lap("phantoms")
     result = train(recipe.train_config(data_dir, out_dir / "model"), progress=progress)
     lap("training")
-    evaluation = evaluate_checkpoint(result.checkpoint, recipe.held_out(data_dir), steps=recipe.sample_steps,
-                                     ensemble=recipe.ensemble, seed=recipe.seed, progress=progress)
+    evaluation = recipe.evaluate(result.checkpoint, data_dir, progress=progress)
     lap("sampling")
     report.update(dice=evaluation.mean_dice, cases=evaluation.cases, last_loss=result.last_loss)
     report["total_s"] = round(sum(report[f"{k}_s"] for k in ("phantoms", "training", "sampling")), 2)
     return report
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def main(argv=None) -> None:
@@ -122,6 +138,8 @@ def main(argv=None) -> None:
         if not field.name.startswith("_"):
             kind = type(field.default) if field.default is not None else (
                 int if field.name in ("width", "volume") else float)
+            if kind is bool:
+                kind = _boolean
             parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=None)
     args = vars(parser.parse_args(argv))
     out_dir = args.pop("out_dir")

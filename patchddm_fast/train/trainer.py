@@ -37,6 +37,7 @@ from .validation import Validator
 logger = logging.getLogger("patchddm_fast")
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_MAX_SKIPPED = 5  # consecutive steps with non-finite gradients before a run gives up
 
 
 @dataclass
@@ -54,13 +55,21 @@ class TrainResult:
     seconds: float
 
 
-def data_volume_edge(case, size_multiple: int) -> int:
-    """The padded volume of a data set: a cube whose edge is the case's longest axis rounded up
-    to a multiple of lcm(size_multiple, 16) (BraTS's 240 x 240 x 155 -> 256 for the paper's
-    network, as the original pads; 64^3 phantoms -> 64)."""
-    shape = nib.load(str(case.files["t1"])).shape[:3]
-    multiple = math.lcm(size_multiple, 16)
-    return multiple * math.ceil(max(shape) / multiple)
+def data_volume_edge(cases, size_multiple: int) -> int:
+    """The padded volume of a data set: a cube whose edge is the longest axis of the first
+    readable case, rounded up to a multiple of lcm(size_multiple, 16) (BraTS's 240 x 240 x 155
+    -> 256 for the paper's network, as the original pads; 64^3 phantoms -> 64). Only NIfTI
+    headers are read."""
+    problems = []
+    for case in cases:
+        try:
+            shape = nib.load(str(case.files["t1"])).shape[:3]
+        except Exception as exc:  # any unreadable header: try the next case
+            problems.append(f"{case.files.get('t1')}: {exc}")
+            continue
+        multiple = math.lcm(size_multiple, 16)
+        return multiple * math.ceil(max(shape) / multiple)
+    raise DataError("cannot tell the volume size (set it explicitly): no readable t1 header\n  " + "\n  ".join(problems))
 
 
 class _Run:
@@ -78,6 +87,7 @@ class _Run:
         self.validation_dice = None
         self.saved_step = None
         self.consistent = True  # False while the parameters and optimizer are being updated
+        self.skipped = 0  # consecutive updates skipped for non-finite gradients
         self.checkpoint_path = None
 
         self._prepare_out_dir()
@@ -88,12 +98,13 @@ class _Run:
         if resumed is not None:
             self._check_compatible(resumed)
         self.volume = config.volume or (resumed[1]["shapes"]["volume"][0] if resumed
-                                        else data_volume_edge(train_cases[0], network.size_multiple))
+                                        else data_volume_edge(train_cases, network.size_multiple))
         self.volume = max(self.volume, self.patch) if config.volume is None else self.volume
         self.schedule = make_schedule(SCHEDULE)
 
         torch.manual_seed(config.seed)  # the initial weights
-        self.model = UNet3D(network, fused=True, checkpoint=config.memory_option).to(self.device)
+        self.model = UNet3D(network, fused=True, checkpoint=config.memory_option,
+                            channels_last=config.channels_last).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr_at(0),
                                            weight_decay=config.weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
@@ -175,6 +186,8 @@ class _Run:
         if self.ema is not None and extra.get("ema"):
             self.ema.load_state_dict(extra["ema"])
             self.ema.decay = self.config.ema
+        elif self.ema is not None:  # EMA switched on only now: it starts from the resumed weights
+            self.ema = WeightAverage(self.model, self.config.ema)
         restore_rng_states(extra["rng"])
         self.step, self.samples_done = int(extra["step"]), int(extra["samples_done"])
         self.elapsed_before = float(extra.get("elapsed", 0.0))
@@ -242,14 +255,27 @@ class _Run:
                                      f"{self.out_dir / LAST} holds the last good state (try a lower lr or fp32)")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        self.consistent = False
         self.scaler.unscale_(self.optimizer)
-        if c.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        if self.ema is not None:
-            self.ema.update(self.model)
+        gradients = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(gradients)
+        if self.scaler.is_enabled() or math.isfinite(norm.item()):
+            self.skipped = 0
+            if c.grad_clip:
+                torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), c.grad_clip, norm)
+            self.consistent = False
+            self.scaler.step(self.optimizer)  # fp16: skipped by the scaler when not finite
+            self.scaler.update()
+            if self.ema is not None:
+                self.ema.update(self.model)
+        else:
+            # Without loss scaling a non-finite gradient would poison the weights; leave them
+            # as they are for this batch (all processes see the same reduced gradients).
+            self.skipped += 1
+            self.log.message(f"step {self.step + 1}: non-finite gradients, the update is skipped", important=True)
+            if self.skipped >= _MAX_SKIPPED:
+                raise FloatingPointError(f"non-finite gradients in {self.skipped} steps in a row up to step "
+                                         f"{self.step + 1} (precision {c.precision}); "
+                                         f"{self.out_dir / LAST} holds the last good state (try a lower lr or fp32)")
         self.step += 1
         self.samples_done += c.batch_size * world
         self.last_loss = mean_loss
@@ -257,10 +283,17 @@ class _Run:
         return mean_loss, votes > 0
 
     def _validate(self) -> None:
+        """Validation on rank 0 (the others wait). A failure (say, no memory for a full volume)
+        is reported and training goes on: it must not cost the run."""
         if self.validator is not None:
-            evaluation = self.validator.evaluate(self.ema.module if self.ema is not None else self.model)
-            self.validation_dice = evaluation.mean_dice
-            self.log.validation(self.step, evaluation.mean_dice, evaluation.cases, evaluation.seconds)
+            try:
+                evaluation = self.validator.evaluate(self.ema.module if self.ema is not None else self.model)
+            except Exception as exc:
+                self.log.message(f"step {self.step}: validation failed, training goes on: "
+                                 f"{type(exc).__name__}: {exc}", important=True)
+            else:
+                self.validation_dice = evaluation.mean_dice
+                self.log.validation(self.step, evaluation.mean_dice, evaluation.cases, evaluation.seconds)
         self.dist.barrier()
 
     def run(self) -> TrainResult:

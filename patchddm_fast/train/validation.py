@@ -77,10 +77,11 @@ class Validator:
 
 def evaluate_checkpoint(path, cases: Sequence[CaseFiles], *, steps: int = 10, ensemble: int = 3, seed: int = 0,
                         ema: bool = True, precision: str = "float32", device: str = "cpu",
-                        progress: bool = False) -> Evaluation:
+                        progress: bool = False, **options) -> Evaluation:
     """Dice of a trained checkpoint on `cases` (with segmentations), sampled as the trainer's
-    validation does, on the checkpoint's training volume grid."""
-    model, info = load_trained_model(path, ema=ema, map_location=device)
+    validation does, on the checkpoint's training volume grid. options: UNet3D options
+    (e.g. channels_last=True)."""
+    model, info = load_trained_model(path, ema=ema, map_location=device, **options)
     if info["volume_shape"] is None:
         raise ValueError(f"{path}: the checkpoint does not record its training volume shape; it was not "
                          "written by the trainer")

@@ -68,4 +68,4 @@ def test_volume_edge_from_the_data(tmp_path, shape, multiple, edge):
     header.set_data_shape(shape)  # only the header is read
     with open(path, "r+b") as f:
         f.write(header.binaryblock)
-    assert data_volume_edge(FakeCase(path), multiple) == edge
+    assert data_volume_edge([FakeCase(tmp_path / "missing.nii"), FakeCase(path)], multiple) == edge
