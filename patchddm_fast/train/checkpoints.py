@@ -148,7 +148,7 @@ def checkpoint_exists(out_dir) -> bool:
 
 
 def remove_stale_temporaries(out_dir) -> None:
-    """Deletes temporary files a killed save left behind (last.pt.XXXX.tmp); never a checkpoint."""
+    """Deletes temporary files a killed save left behind (last.pt.<random>.tmp); never a checkpoint."""
     for path in Path(out_dir).glob("*.pt.*.tmp"):
         try:
             os.unlink(path)
