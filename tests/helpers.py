@@ -41,6 +41,8 @@ def backend_params(op_name: str):
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None,
                  scale: float = 1.0, msg: str = "") -> None:
+    """torch's assert_close at TOLERANCES of `dtype` (default: expected's), times `scale` where
+    a caller's computation rounds more than once (it says why)."""
     atol, rtol = TOLERANCES[dtype or expected.dtype]
     torch.testing.assert_close(actual.float() if actual.dtype != torch.float64 else actual,
                                expected.float() if expected.dtype != torch.float64 else expected,

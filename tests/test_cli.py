@@ -105,6 +105,7 @@ def test_sample_writes_each_case_on_its_original_grid(workspace, sampled):
         for kind in NIFTI_OUTPUTS:
             image = nib.load(output_path(sampled, case.case_id, kind))
             assert image.shape == PHANTOM_SHAPE
+            # Both through a float32 NIfTI sform: numpy's default rtol 1e-7, about 1 ulp.
             np.testing.assert_allclose(image.affine, reference.affine)
             assert image.header.get_zooms()[:3] == reference.header.get_zooms()[:3]
             volumes[kind] = np.asarray(image.dataobj)
@@ -125,6 +126,7 @@ def test_sample_writes_each_case_on_its_original_grid(workspace, sampled):
     assert tuple(prepared.image.shape[1:]) == tuple(VOLUME)
     result = segmenter.segment(prepared, seed=case_seed(0, case.case_id))
     written = np.asarray(nib.load(output_path(sampled, case.case_id, "mean")).dataobj)
+    # The file stores float32; values in [-1, 1]: a few ulps.
     np.testing.assert_allclose(written, prepared.meta.to_original(result.mean.numpy()), atol=1e-6)
     assert log[case.case_id]["case_seed"] == case_seed(0, case.case_id)
 
@@ -312,6 +314,7 @@ def test_import_checkpoint(tmp_path, capsys):
     assert loaded.volume_shape == (32, 32, 32) and loaded.patch_shape == (16, 16, 16)
     assert loaded.model.config.groups == 2
     for name, tensor in original.state_dict().items():
+        # Import copies tensors: exact.
         torch.testing.assert_close(loaded.model.state_dict()[name], tensor, rtol=0, atol=0)
     status, _, err = _run(capsys, "import-checkpoint", tmp_path / "savedmodel.pt", out)
     assert status == 2

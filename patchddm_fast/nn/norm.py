@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..ops import group_norm_silu
 
@@ -18,7 +19,10 @@ class GroupNorm32(nn.GroupNorm):
     """nn.GroupNorm computed in float32 and returned in the input's dtype (as the original)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        # Parameters in float32 too, so that a model cast to bfloat16 or float16 still runs.
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
 class FusedGroupNormSiLU(nn.Module):

@@ -347,7 +347,10 @@ class UNet3D(nn.Module):
             timesteps = timesteps.expand(x.shape[0])
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels))
+        # The sinusoids are computed in float32 and then take the weights' dtype, so that a
+        # model cast with .to(torch.bfloat16) or .half() runs (autocast casts on its own).
+        frequencies = timestep_embedding(timesteps, self.config.model_channels)
+        emb = self.time_embed(frequencies.to(self.time_embed[0].weight.dtype))
 
         skips = []
         h = x

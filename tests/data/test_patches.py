@@ -69,6 +69,7 @@ def test_sample_is_crop_plus_coordinates_of_the_full_volume(phantom_cases):
         o = sample.offset.tolist()
         crop = (slice(o[0], o[0] + 16), slice(o[1], o[1] + 12), slice(o[2], o[2] + 8))
         assert torch.equal(sample.input[:4], prepared.image[(slice(None),) + crop])
+        # Coordinates in [-1, 1] from two float32 formulas: a few ulps (6e-8 each) apart.
         torch.testing.assert_close(sample.input[4:7], coords[(slice(None),) + crop], rtol=0, atol=1e-6)
         assert not sample.input[7].any()
         assert torch.equal(sample.mask[0], (prepared.label[crop] > 0).float())

@@ -87,7 +87,9 @@ def test_written_cases_load(tmp_path, layout):
     raw = load_case(cases[0])
     phantom = generate_phantom((20, 24, 16), np.random.SeedSequence([3, 7]))
     np.testing.assert_array_equal(raw.label, phantom.label)
+    # The files store integers: rounding to the nearest moves a value by at most 0.5.
     np.testing.assert_allclose(raw.images, np.rint(phantom.images), atol=0.5)
+    # The affine goes through the NIfTI header's float32 sform: numpy's default rtol 1e-7 is 1 ulp.
     np.testing.assert_allclose(raw.affine, phantom.affine)
     image = nib.load(str(cases[0].files["t1"]))
     assert image.get_data_dtype() == np.int16 and image.header.get_zooms() == (1.0, 1.0, 1.0)

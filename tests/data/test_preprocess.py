@@ -23,6 +23,7 @@ def test_load_case_keeps_order_affine_header(make_case, tmp_path):
         np.testing.assert_array_equal(raw.images[channel], images[seq])
     np.testing.assert_array_equal(raw.label, label)
     assert raw.label.dtype == np.uint8
+    # Through the header's float32 sform: numpy's default rtol 1e-7, about 1 float32 ulp.
     np.testing.assert_allclose(raw.affine, AFFINE)
     assert raw.spacing == (1.0, 1.0, 2.0)
 
@@ -117,6 +118,7 @@ def test_normalise_sequence():
     brain = volume != 0
     low, high = np.percentile(volume[brain], [0.5, 99.5])
     expected = np.clip((volume - low) / (high - low), 0, 1) * brain
+    # Values in [0, 1], both sides float32 arithmetic in a different order: a few ulps (6e-8).
     np.testing.assert_allclose(unit, expected, atol=1e-6)
     assert unit.min() == 0 and unit.max() == 1 and (unit[~brain] == 0).all()
     assert np.median(unit[brain]) == pytest.approx(0.5, abs=0.05)  # not squashed by the outlier
@@ -151,6 +153,7 @@ def test_outputs_are_written_on_the_original_grid(make_case, tmp_path):
     path = prepared.meta.save(tmp_path / "out" / "mask.nii.gz", prepared.mask()[0] > 0, dtype=np.uint8)
     written = nib.load(str(path))
     assert written.shape == (12, 10, 8) and written.get_data_dtype() == np.uint8
+    # Through the header's float32 sform: numpy's default rtol 1e-7, about 1 float32 ulp.
     np.testing.assert_allclose(written.affine, AFFINE)
     assert written.header.get_zooms() == (1.0, 1.0, 2.0)
     _, label = case_arrays((12, 10, 8), 0)

@@ -1,19 +1,7 @@
-"""Where the golden data of the original implementation lives (PATCHDDM_GOLDEN overrides)."""
-
-import os
+"""One thread for the U-Net tests."""
 
 import pytest
 import torch
-
-GOLDEN_DIR = os.environ.get("PATCHDDM_GOLDEN", "/work/shared/golden")
-
-
-@pytest.fixture(scope="session")
-def golden_dir() -> str:
-    if not os.path.isfile(os.path.join(GOLDEN_DIR, "reference_unet_small.npz")):
-        pytest.fail(f"golden data not found in {GOLDEN_DIR}; set PATCHDDM_GOLDEN to the folder holding "
-                    f"reference_unet_small.npz and reference_unet_paper_config_shapes.json")
-    return GOLDEN_DIR
 
 
 @pytest.fixture(autouse=True, scope="package")

@@ -83,4 +83,5 @@ def assert_same_step(actual, expected, tol: float, what: str) -> None:
     bad = {name: relative_error(grads[name], ref_grads[name]) for name in grads}
     bad = {name: err for name, err in bad.items() if not err < tol}
     assert not bad, f"{what}: parameter gradients differ: {bad}"
+    # tol comes from the caller, with its reason there.
     assert relative_error(grad_x, ref_grad_x) < tol, f"{what}: input gradient"

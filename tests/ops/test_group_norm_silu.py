@@ -66,6 +66,8 @@ def test_forward_matches_reference(device, backend, dtype, shape, groups, option
     out = run(inputs, groups, backend)
     expected = group_norm_silu_reference(inputs["x"], inputs["weight"], inputs["bias"], groups,
                                          add=inputs["add"], skip=inputs["skip"])
+    # Interpreted Triton (numpy) rounds more intermediates to bfloat16 than a compiled kernel
+    # does: a few more bfloat16 roundings, allowed for with 4x the one-rounding tolerance.
     scale = 4.0 if interpreted(device, backend) and dtype == torch.bfloat16 else 1.0
     if "skip" in options:
         (average, out), (expected_average, expected) = out, expected
@@ -119,6 +121,8 @@ def test_gradients_when_one_output_is_unused(device, backend):
     actual = torch.autograd.grad((run(inputs, 2, backend)[1] * grad_out).sum(), [inputs["x"], inputs["weight"]])
     expected = torch.autograd.grad((run(inputs, 2, "torch")[1] * grad_out).sum(), [inputs["x"], inputs["weight"]])
     for a, e in zip(actual, expected):
+        # Backward reduces over each group twice (two float32 sums in another order than the
+        # reference's autograd), so 4x the one-rounding tolerance.
         assert_close(a, e, scale=4.0)
 
 
