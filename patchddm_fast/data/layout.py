@@ -200,14 +200,16 @@ def find_cases(root: str | os.PathLike, *, with_label: bool = True) -> tuple[lis
     if not root.is_dir():
         raise DataError(f"{root}: not a folder (expected a folder of cases or one case folder)")
     report = DatasetReport(root=root)
-    found: dict[str, CaseFiles] = {}
-    duplicates: dict[str, list[Path]] = {}
-    with_images: set[str] = set()
-    visited: set[str] = set()  # real paths of the folders scanned (links are followed)
+    # Folders holding NIfTI files, by real path (links are followed; a folder reached twice, by
+    # a link and directly or through a loop, is scanned once, under its own name if reached so).
+    folders: dict[str, tuple[Path, list[str]]] = {}
+    visited: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
-        if real in visited:  # reached again through a link: the same folder, scanned once
+        if real in visited:
             dirnames[:] = []
+            if real in folders and os.path.basename(dirpath) == os.path.basename(real):
+                folders[real] = (Path(dirpath), folders[real][1])
             continue
         visited.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -218,9 +220,13 @@ def find_cases(root: str | os.PathLike, *, with_label: bool = True) -> tuple[lis
                 report.add(name, "warning", f"ignoring {link}: a symbolic link to nothing "
                            f"({os.readlink(link)})")
         names = [f for f in filenames if not f.startswith(".") and nifti_stem(f) is not None]
-        if not names:
-            continue
-        case = _case_from_folder(Path(dirpath), names, report)
+        if names:
+            folders[real] = (Path(dirpath), names)
+    found: dict[str, CaseFiles] = {}
+    duplicates: dict[str, list[Path]] = {}
+    with_images: set[str] = set()
+    for folder, names in sorted(folders.values()):
+        case = _case_from_folder(folder, names, report)
         if any(kind in case.files for kind in SEQUENCES):
             with_images.add(case.case_id)
         if case.case_id in found:

@@ -257,9 +257,11 @@ def test_symlinked_case_folders_are_followed(tmp_path):
     assert "gone" in report.format() and "symbolic link to nothing" in report.format()
     load_case(cases[0])
     # The store itself, and a link to one of its cases beside them: one case, not a duplicate.
-    (store / "again").symlink_to(store / "Case_001", target_is_directory=True)
+    for name in ("again", "0_first"):  # after and before Case_001 in the order of the scan
+        (store / name).symlink_to(store / "Case_001", target_is_directory=True)
     cases, report = find_cases(store)
     assert [c.case_id for c in cases] == ["Case_001", "Case_002"] and report.problems == []
+    assert cases[0].folder == store / "Case_001"
 
 
 # -- 8. a failed write leaves no partial file ---------------------------------------------------
