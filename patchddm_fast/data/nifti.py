@@ -72,8 +72,9 @@ def _open(case_id: str, path: Path) -> nib.Nifti1Image:
     voxels = math.prod(int(n) for n in image.shape)
     if voxels > MAX_VOXELS:
         grid = " x ".join(str(n) for n in image.shape[:3])
-        raise CaseError(case_id, f"cannot read {path.name}: its header claims a {grid} grid ({voxels:,} voxels), more than "
-                        f"the {MAX_VOXELS:,} a volume may have; the file is damaged or not a brain MRI", path)
+        raise CaseError(case_id, f"cannot read {path.name}: its header claims a {grid} grid ({voxels:,} voxels), "
+                        f"more than the {MAX_VOXELS:,} a volume may have; the file is damaged or not a brain MRI",
+                        path)
     return image
 
 
@@ -87,10 +88,12 @@ def read_header(path: str | os.PathLike) -> nib.Nifti1Image:
 
 def _verified_bytes(case_id: str, path: Path, image: nib.Nifti1Image) -> bytes:
     """The whole (decompressed) file, read to its end so that gzip checks the CRC-32 and the
-    length of every byte. Reads no further than the header's grid needs (plus a little), so
-    a damaged header or a decompression bomb cannot exhaust memory."""
-    header = image.header  # its vox_offset is reset by nibabel; the proxy keeps the file's
-    needed = int(image.dataobj.offset) + math.prod(int(n) for n in image.shape) * header.get_data_dtype().itemsize
+    length of every byte. Keeps no more than the header's grid needs (and reads at most
+    _MAX_TRAILING_BYTES beyond it), so a damaged header or a decompression bomb cannot exhaust
+    memory. Raises CaseError for a file shorter than its grid; gzip and zlib errors pass."""
+    header = image.header
+    voxel_bytes = math.prod(int(n) for n in image.shape) * header.get_data_dtype().itemsize
+    needed = int(image.dataobj.offset) + voxel_bytes  # nibabel resets the header's vox_offset; the proxy has it
     with open(path, "rb") as raw:
         compressed = raw.read(2) == _GZIP_MAGIC
         raw.seek(0)
@@ -100,12 +103,12 @@ def _verified_bytes(case_id: str, path: Path, image: nib.Nifti1Image) -> bytes:
         while chunk := stream.read(2**20):  # to the end: gzip checks CRC and length there
             trailing += len(chunk)
             if trailing > _MAX_TRAILING_BYTES:
-                raise CaseError(case_id, f"cannot read {path.name}: it holds more than {_MAX_TRAILING_BYTES:,} bytes after the "
-                                f"{needed:,} its header describes; it is damaged", path)
+                raise CaseError(case_id, f"cannot read {path.name}: it holds more than {_MAX_TRAILING_BYTES:,} "
+                                f"bytes after the {needed:,} its header describes; it is damaged", path)
     if len(data) < needed:
         what = "its decompressed data" if compressed else "the file"
-        raise CaseError(case_id, f"cannot read {path.name}: it is truncated: {what} ends after {len(data):,} bytes, but its "
-                        f"header's {' x '.join(str(n) for n in image.shape[:3])} grid of "
+        raise CaseError(case_id, f"cannot read {path.name}: it is truncated: {what} ends after {len(data):,} "
+                        f"bytes, but its header's {' x '.join(str(n) for n in image.shape[:3])} grid of "
                         f"{header.get_data_dtype()} needs {needed:,}", path)
     return data
 
