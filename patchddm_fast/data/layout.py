@@ -239,9 +239,9 @@ def find_cases(root: str | os.PathLike, *, with_label: bool = True) -> tuple[lis
         found[case.case_id] = case
     if not found:
         raise DataError(f"{root}: no NIfTI files (.nii or .nii.gz) found in it or its subfolders")
-    for case_id, folders in duplicates.items():
-        report.add(case_id, "error", f"{len(folders)} folders have this case id: "
-                   f"{', '.join(str(f) for f in folders)}; none of them is used (rename or remove all but one)")
+    for case_id, paths in duplicates.items():
+        report.add(case_id, "error", f"{len(paths)} folders have this case id: "
+                   f"{', '.join(str(p) for p in paths)}; none of them is used (rename or remove all but one)")
     scan_ids = tuple(sorted(with_images))
     for case in found.values():
         case.scan_ids = scan_ids
