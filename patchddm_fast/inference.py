@@ -387,9 +387,10 @@ def sample_folder(checkpoint: str | os.PathLike, input_path: str | os.PathLike, 
         else:
             outcome = CaseOutcome(case.case_id, "ok", "", time.perf_counter() - start, written,
                                   list(prepared.warnings))
-            tumour = int(result.mask.sum())
+            mask, std = (prepared.meta.to_original(v.cpu().numpy()) for v in (result.mask, result.std))
+            tumour = int(mask.sum())  # on the case's own grid, not the padding
             log(f"{prefix}: done in {outcome.seconds:.1f} s, {tumour} tumour voxels "
-                f"(mean uncertainty in the tumour {float(result.std[result.mask].mean()) if tumour else 0.0:.3f})")
+                f"(mean uncertainty in the tumour {float(std[mask].mean()) if tumour else 0.0:.3f})")
             for note in prepared.warnings:
                 log(f"{prefix}: warning: {note}")
         outcomes.append(outcome)

@@ -18,7 +18,7 @@ outputs back on the case's original grid (`prepared.meta.save(path, volume)`).
 from .layout import (LABEL, SEQUENCES, CaseError, CaseFiles, DataError, DatasetReport, Problem, find_cases,
                      sequence_of)
 from .loader import PAPER_PATCH, PatchDataset, VolumeCache, make_patch_loader
-from .nifti import BRATS_LABELS, RawCase, load_case, write_nifti
+from .nifti import BRATS_LABELS, MAX_VOXELS, RawCase, load_case, read_header, write_nifti
 from .patches import PatchSample, StreamSampler, offset_ranges, sample_offset
 from .phantoms import PhantomConfig, generate_phantom, write_phantoms
 from .preprocess import (PAPER_VOLUME, CaseMeta, Padding, PreparedCase, normalise_sequence, prepare_case,
@@ -27,10 +27,10 @@ from .regions import REGIONS, brats_regions, whole_tumour
 from .split import Split, make_split, paper_split, split_cases
 
 __all__ = [
-    "BRATS_LABELS", "LABEL", "PAPER_PATCH", "PAPER_VOLUME", "REGIONS", "SEQUENCES", "CaseError", "CaseFiles",
-    "CaseMeta", "DataError", "DatasetReport", "Padding", "PatchDataset", "PatchSample", "PhantomConfig",
-    "PreparedCase", "Problem", "RawCase", "Split", "StreamSampler", "VolumeCache", "brats_regions",
-    "find_cases", "generate_phantom", "load_case", "make_patch_loader", "make_split", "normalise_sequence",
-    "offset_ranges", "paper_split", "prepare_case", "prepare_raw", "sample_offset", "sequence_of",
-    "split_cases", "whole_tumour", "write_nifti", "write_phantoms",
+    "BRATS_LABELS", "LABEL", "MAX_VOXELS", "PAPER_PATCH", "PAPER_VOLUME", "REGIONS", "SEQUENCES", "CaseError",
+    "CaseFiles", "CaseMeta", "DataError", "DatasetReport", "Padding", "PatchDataset", "PatchSample",
+    "PhantomConfig", "PreparedCase", "Problem", "RawCase", "Split", "StreamSampler", "VolumeCache",
+    "brats_regions", "find_cases", "generate_phantom", "load_case", "make_patch_loader", "make_split",
+    "normalise_sequence", "offset_ranges", "paper_split", "prepare_case", "prepare_raw", "read_header",
+    "sample_offset", "sequence_of", "split_cases", "whole_tumour", "write_nifti", "write_phantoms",
 ]

@@ -9,6 +9,8 @@ Two layouts are recognised, and mixtures of them:
 
 Any folder that directly holds NIfTI files (.nii or .nii.gz) is a case; its name is the case id
 and its last group of digits is the case number (used by the train/validation/test split).
+Folders that are symbolic links are followed (a folder reached twice, by a link and directly or
+through a loop of links, is one case and is scanned once).
 A file's sequence is found from the tokens of its name (split at `_ - .` and spaces, case
 ignored): the last token naming a sequence wins, where two adjacent tokens joined may also name
 one (`t1_ce`). Besides the usual names this accepts BraTS2023's (t1n, t1c, t2w, t2f) and the
@@ -18,7 +20,8 @@ BraTS20_Training_355's is `W39_1998.09.19_Segm.nii`).
 Problems never stop a scan: each becomes a `Problem` of its case. Errors make a case unusable
 (a missing sequence, a missing segmentation where labels are required, and later, when read,
 an unreadable file or mismatching shapes); warnings do not (a non-standard name, an extra
-file, two files for one sequence, a second folder with the same case id).
+file, two files for one sequence). Two different folders with the same case id are an error of
+that case naming both (outputs and the split are keyed by case id, so neither is used).
 """
 
 from __future__ import annotations
@@ -112,6 +115,9 @@ class CaseFiles:
     folder: Path
     number: int | None
     files: dict[str, Path]
+    # The ids of every case folder the same find_cases scan found that holds an image (usable
+    # or not): the split is made over these, so it does not depend on which cases are readable.
+    scan_ids: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def has_label(self) -> bool:
@@ -194,24 +200,51 @@ def find_cases(root: str | os.PathLike, *, with_label: bool = True) -> tuple[lis
     if not root.is_dir():
         raise DataError(f"{root}: not a folder (expected a folder of cases or one case folder)")
     report = DatasetReport(root=root)
-    found: dict[str, CaseFiles] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
+    # Folders holding NIfTI files, by real path (links are followed; a folder reached twice, by
+    # a link and directly or through a loop, is scanned once, under its own name if reached so).
+    folders: dict[str, tuple[Path, list[str]]] = {}
+    visited: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in visited:
+            dirnames[:] = []
+            if real in folders and os.path.basename(dirpath) == os.path.basename(real):
+                folders[real] = (Path(dirpath), folders[real][1])
+            continue
+        visited.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            link = os.path.join(dirpath, name)
+            if (not name.startswith(".") and nifti_stem(name) is None and os.path.islink(link)
+                    and not os.path.exists(link)):
+                report.add(name, "warning", f"ignoring {link}: a symbolic link to nothing "
+                           f"({os.readlink(link)})")
         names = [f for f in filenames if not f.startswith(".") and nifti_stem(f) is not None]
-        if not names:
-            continue
-        case = _case_from_folder(Path(dirpath), names, report)
-        report.n_found += 1
+        if names:
+            folders[real] = (Path(dirpath), names)
+    found: dict[str, CaseFiles] = {}
+    duplicates: dict[str, list[Path]] = {}
+    with_images: set[str] = set()
+    for folder, names in sorted(folders.values()):
+        case = _case_from_folder(folder, names, report)
+        if any(kind in case.files for kind in SEQUENCES):
+            with_images.add(case.case_id)
         if case.case_id in found:
-            report.add(case.case_id, "warning", f"ignoring {case.folder}: a case of the same id "
-                       f"is at {found[case.case_id].folder}")
+            duplicates.setdefault(case.case_id, [found[case.case_id].folder]).append(case.folder)
             continue
+        report.n_found += 1
         missing = case.missing(with_label)
         if missing:
             report.add(case.case_id, "error", f"missing {', '.join(missing)} in {case.folder}")
         found[case.case_id] = case
     if not found:
         raise DataError(f"{root}: no NIfTI files (.nii or .nii.gz) found in it or its subfolders")
+    for case_id, paths in duplicates.items():
+        report.add(case_id, "error", f"{len(paths)} folders have this case id: "
+                   f"{', '.join(str(p) for p in paths)}; none of them is used (rename or remove all but one)")
+    scan_ids = tuple(sorted(with_images))
+    for case in found.values():
+        case.scan_ids = scan_ids
     failed = set(report.failed_cases)
     usable = [found[k] for k in sorted(found) if k not in failed]
     return usable, report

@@ -8,8 +8,10 @@ dataset larger than the budget does not thrash). Whichever process first needs a
 (the main process in preload(), or any loader worker) decodes it into the arena, and every
 process reads it from there: one copy in RAM however many workers there are.
 
-A case that turns out unreadable is reported in `dataset.report` (and logged) and its samples
-go to the next case of the epoch's order, so one bad file never stops a run.
+A case that turns out unreadable (a corrupted or truncated file, a header claiming an absurd
+grid, ...) or whose grid is larger than the volume grid (it would have to be cropped) is
+reported in `dataset.report` (and logged) and its samples go to the next case of the epoch's
+order, so one bad file never stops a run.
 """
 
 from __future__ import annotations
@@ -170,8 +172,9 @@ class PatchDataset(torch.utils.data.Dataset):
     def _prepare(self, index: int, image_out=None, label_out=None):
         case = self.cases[index]
         try:
-            prepared = prepare_raw(load_case(case, with_label=self.with_label), self.volume_shape,
-                                   percentiles=self.percentiles, image_out=image_out, label_out=label_out)
+            raw = load_case(case, with_label=self.with_label, max_shape=self.volume_shape)
+            prepared = prepare_raw(raw, self.volume_shape, percentiles=self.percentiles, image_out=image_out,
+                                   label_out=label_out)
         except CaseError as error:
             self._bad.add(index)
             self.report.add_error(error)

@@ -8,6 +8,10 @@ the digits of the case folders' names (BraTS20_Training_042 -> 42).
 
 Other collections (synthetic phantoms, a subset) are split the same way over their own case
 numbers, with sizes 10% / 10% (rounded) for validation and test and the rest for training.
+
+The numbers split are those of every case folder that find_cases saw holding an image, usable
+or not (CaseFiles.scan_ids), not only of the cases usable today: a case whose file is missing or
+damaged drops out of its own part and moves no other case to another part.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .layout import CaseFiles, DataError
+from .layout import CaseFiles, DataError, case_number
 
 PAPER_CASES = 369
 PAPER_SIZES = (295, 37, 37)
@@ -72,6 +76,10 @@ def split_cases(cases: Sequence[CaseFiles], split: Split | str = "auto") -> dict
     set, even with some cases missing or unusable), else "own". Cases without a number, or
     whose number the split does not hold, raise DataError (a fixed split must not silently
     drop data).
+
+    The split ("own", and the choice of "auto") is made over the case numbers of every case
+    folder the scan that found `cases` saw (their scan_ids), readable or not, so it does not
+    change when a case becomes unusable.
     """
     numbers = {}
     for case in cases:
@@ -81,12 +89,15 @@ def split_cases(cases: Sequence[CaseFiles], split: Split | str = "auto") -> dict
             raise DataError(f"cases {numbers[case.number].case_id} and {case.case_id} have the same "
                             f"number {case.number}")
         numbers[case.number] = case
+    scanned = set(numbers)
+    for case in cases:
+        scanned.update(n for n in map(case_number, case.scan_ids) if n is not None)
     if split == "auto":
-        split = "paper" if numbers and min(numbers) >= 1 and max(numbers) == PAPER_CASES else "own"
+        split = "paper" if scanned and min(scanned) >= 1 and max(scanned) == PAPER_CASES else "own"
     if split == "paper":
         split = paper_split()
     elif split == "own":
-        split = make_split(numbers)
+        split = make_split(scanned)
     elif not isinstance(split, Split):
         raise ValueError(f"split_cases: split must be a Split, 'paper', 'own' or 'auto', got {split!r}")
     out = {part: [] for part in PARTS}

@@ -18,10 +18,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import torch
 
-from ..data import DataError, PatchDataset, find_cases, make_patch_loader, split_cases
+from ..data import DataError, PatchDataset, find_cases, make_patch_loader, read_header, split_cases
 from ..nn import UNet3D
 from .checkpoints import (LAST, SCHEDULE, checkpoint_exists, make_schedule, read_training_checkpoint,
                           remove_stale_temporaries, restore_rng_states, rng_states, save_training_checkpoint,
@@ -63,7 +62,7 @@ def data_volume_edge(cases, size_multiple: int) -> int:
     problems = []
     for case in cases:
         try:
-            shape = nib.load(str(case.files["t1"])).shape[:3]
+            shape = read_header(case.files["t1"]).shape[:3]
         except Exception as exc:  # any unreadable header: try the next case
             problems.append(f"{case.files.get('t1')}: {exc}")
             continue
