@@ -8,10 +8,11 @@ from .full_volume import FullVolumeSampler, SamplingPlan, SegmentationResult, Vo
 from .loss import LossOutput, diffusion_loss, model_input_buffer, sample_timesteps
 from .sampling import ddim_sample, ddpm_sample, original_ddim_sample, sample_loop
 from .schedule import NoiseSchedule
-from .schedulers import DDIMScheduler, DDPMScheduler, StepOutput, inference_timesteps
+from .schedulers import PREDICTION_TYPES, DDIMScheduler, DDPMScheduler, StepOutput, inference_timesteps
 
 __all__ = [
-    "DDIMScheduler", "DDPMScheduler", "FullVolumeSampler", "LossOutput", "NoiseSchedule", "SamplingPlan",
+    "DDIMScheduler", "DDPMScheduler", "FullVolumeSampler", "LossOutput", "NoiseSchedule", "PREDICTION_TYPES",
+    "SamplingPlan",
     "SegmentationResult", "StepOutput", "VolumeTooLargeError", "ddim_sample", "ddpm_sample", "diffusion_loss",
     "inference_timesteps", "member_seeds", "model_input_buffer", "original_ddim_sample", "sample_loop",
     "sample_timesteps",

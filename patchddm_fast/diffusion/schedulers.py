@@ -25,6 +25,34 @@ from ..ops import ddim_step, ddpm_step, q_sample
 from .schedule import NoiseSchedule
 
 SPACINGS = ("linspace", "leading", "trailing")
+# What the network predicts (diffusers' names): the noise (the original PatchDDM), x0 itself,
+# or v = sqrt(ab) noise - sqrt(1 - ab) x0 (Salimans and Ho 2022).
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+
+def check_prediction_type(prediction_type: str) -> str:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    return prediction_type
+
+
+def predicted_noise(model_output: torch.Tensor, sample: torch.Tensor, alpha_bar: float, prediction_type: str,
+                    clip_sample: bool) -> torch.Tensor:
+    """The noise implied by a prediction of `prediction_type` at x_t = sample.
+
+    The fused update kernels take the noise; x0 and v predictions are turned into it here.
+    x0 is clipped first when clip_sample is set, so that the kernel's own clip sees the same
+    x0 (up to rounding magnified by 1 / sqrt(alpha_bar)).
+    """
+    if prediction_type == "epsilon":
+        return model_output
+    a, s = alpha_bar ** 0.5, (1.0 - alpha_bar) ** 0.5
+    acc = torch.float64 if sample.dtype == torch.float64 else torch.float32
+    x_t, out = sample.to(acc), model_output.to(acc)
+    if prediction_type == "sample":
+        x0 = out.clamp(-1, 1) if clip_sample else out
+        return ((x_t - a * x0) / s).to(sample.dtype)
+    return (s * x_t + a * out).to(sample.dtype)  # v: eps = sqrt(1 - ab) x_t + sqrt(ab) v
 
 
 class StepOutput(NamedTuple):
@@ -61,7 +89,7 @@ class _Scheduler:
     """What DDPM and DDIM share: the schedule, the timesteps, add_noise."""
 
     def __init__(self, schedule: NoiseSchedule | None, num_train_timesteps: int, beta_schedule: str,
-                 clip_sample: bool, timestep_spacing: str):
+                 clip_sample: bool, timestep_spacing: str, prediction_type: str = "epsilon"):
         if schedule is None:
             schedule = NoiseSchedule.from_name(beta_schedule, num_train_timesteps)
         if not isinstance(schedule, NoiseSchedule):
@@ -70,6 +98,7 @@ class _Scheduler:
             raise ValueError(f"timestep_spacing must be one of {SPACINGS}, got {timestep_spacing!r}")
         self.schedule = schedule
         self.clip_sample = bool(clip_sample)
+        self.prediction_type = check_prediction_type(prediction_type)
         self.timestep_spacing = timestep_spacing
         self.set_timesteps(schedule.num_timesteps)
 
@@ -105,6 +134,9 @@ class _Scheduler:
         prev = self.previous_timestep(t)
         ab_prev = self._final_alpha_bar() if prev < 0 else float(self.alphas_cumprod[prev])
         return float(self.alphas_cumprod[t]), ab_prev
+
+    def _noise(self, model_output: torch.Tensor, sample: torch.Tensor, alpha_bar: float) -> torch.Tensor:
+        return predicted_noise(_like(model_output, sample), sample, alpha_bar, self.prediction_type, self.clip_sample)
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         """Identity (DDPM/DDIM do not scale the input); here for interface compatibility."""
@@ -151,11 +183,13 @@ class DDPMScheduler(_Scheduler):
 
     def __init__(self, schedule: NoiseSchedule | None = None, *, num_train_timesteps: int = 1000,
                  beta_schedule: str = "linear", clip_sample: bool = True,
-                 variance_type: str = "fixed_small", timestep_spacing: str = "linspace"):
+                 variance_type: str = "fixed_small", timestep_spacing: str = "linspace",
+                 prediction_type: str = "epsilon"):
         if variance_type not in ("fixed_small", "fixed_large"):
             raise ValueError(f"variance_type must be 'fixed_small' or 'fixed_large', got {variance_type!r}")
         self.variance_type = variance_type
-        super().__init__(schedule, num_train_timesteps, beta_schedule, clip_sample, timestep_spacing)
+        super().__init__(schedule, num_train_timesteps, beta_schedule, clip_sample, timestep_spacing,
+                         prediction_type)
 
     @property
     def draws_noise(self) -> bool:
@@ -164,13 +198,14 @@ class DDPMScheduler(_Scheduler):
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, *, seed: int | None = None,
              offset: int = 0, generator: torch.Generator | None = None, out: torch.Tensor | None = None,
              x0_out: torch.Tensor | None = None) -> StepOutput:
-        """One step from `sample` (x_t) at `timestep` given the predicted noise `model_output`.
+        """One step from `sample` (x_t) at `timestep` given the network's `model_output` (the
+        noise, x0 or v, as prediction_type says).
 
         The noise z is Philox noise keyed by (seed, offset); seed None: drawn from `generator`
         (or torch's default generator). out / x0_out: tensors (any strides) to write into.
         """
         ab_t, ab_prev = self._alpha_bars(timestep)
-        prev, x0 = ddpm_step(sample, _like(model_output, sample), ab_t, ab_prev, clip=self.clip_sample,
+        prev, x0 = ddpm_step(sample, self._noise(model_output, sample, ab_t), ab_t, ab_prev, clip=self.clip_sample,
                              variance=self.variance_type, seed=self._seed(seed, generator), offset=offset,
                              out=out, x0_out=x0_out)
         return StepOutput(prev, x0)
@@ -186,12 +221,14 @@ class DDIMScheduler(_Scheduler):
 
     def __init__(self, schedule: NoiseSchedule | None = None, *, num_train_timesteps: int = 1000,
                  beta_schedule: str = "linear", eta: float = 0.0, clip_sample: bool = True,
-                 set_alpha_to_one: bool = False, timestep_spacing: str = "linspace"):
+                 set_alpha_to_one: bool = False, timestep_spacing: str = "linspace",
+                 prediction_type: str = "epsilon"):
         if not eta >= 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
         self.eta = float(eta)
         self.set_alpha_to_one = bool(set_alpha_to_one)
-        super().__init__(schedule, num_train_timesteps, beta_schedule, clip_sample, timestep_spacing)
+        super().__init__(schedule, num_train_timesteps, beta_schedule, clip_sample, timestep_spacing,
+                         prediction_type)
 
     def _final_alpha_bar(self) -> float:
         return 1.0 if self.set_alpha_to_one else float(self.alphas_cumprod[0])
@@ -203,14 +240,15 @@ class DDIMScheduler(_Scheduler):
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, *, eta: float | None = None,
              seed: int | None = None, offset: int = 0, generator: torch.Generator | None = None,
              out: torch.Tensor | None = None, x0_out: torch.Tensor | None = None) -> StepOutput:
-        """One DDIM step from `sample` (x_t) at `timestep` given the predicted noise.
+        """One DDIM step from `sample` (x_t) at `timestep` given the network's output (the
+        noise, x0 or v, as prediction_type says).
 
         eta overrides the scheduler's for this step. Noise (eta > 0 only) as DDPMScheduler.step.
         """
         eta = self.eta if eta is None else float(eta)
         ab_t, ab_prev = self._alpha_bars(timestep)
         seed = self._seed(seed, generator) if eta > 0 else None
-        prev, x0 = ddim_step(sample, _like(model_output, sample), ab_t, ab_prev, eta=eta, clip=self.clip_sample,
+        prev, x0 = ddim_step(sample, self._noise(model_output, sample, ab_t), ab_t, ab_prev, eta=eta, clip=self.clip_sample,
                              seed=seed, offset=offset, out=out, x0_out=x0_out)
         return StepOutput(prev, x0)
 

@@ -197,3 +197,32 @@ def test_cosine_schedule_drives_the_scheduler():
     expected, _ = _ddim_closed_form(x, eps, float(cos[500]), float(cos[0]), 0.0, True, 0.0)
     # float32 kernel against float64 closed form at t = 500: a few float32 ulps.
     torch.testing.assert_close(s.step(eps, 500, x).prev_sample, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "ddpm"])
+@pytest.mark.parametrize("prediction_type", ["sample", "v_prediction"])
+@pytest.mark.parametrize("t", [999, 500, 20])
+def test_x0_and_v_predictions_step_as_the_noise_they_imply(scheduler, prediction_type, t):
+    # A network that predicts x0 or v, stepped by a scheduler told so, must land where an
+    # epsilon network predicting the implied noise lands.
+    make = {"ddim": lambda **k: DDIMScheduler(eta=0.5, **k), "ddpm": lambda **k: DDPMScheduler(**k)}[scheduler]
+    ours, plain = make(prediction_type=prediction_type), make()
+    x = torch.randn(SHAPE, dtype=torch.float64)
+    x0 = torch.rand(SHAPE, dtype=torch.float64) * 1.6 - 0.8  # inside the clip range
+    eps = torch.randn(SHAPE, dtype=torch.float64)
+    a, s = math.sqrt(float(AB[t])), math.sqrt(1 - float(AB[t]))
+    x = a * x0 + s * eps  # a consistent x_t, so all three predictions describe the same state
+    output = x0 if prediction_type == "sample" else a * eps - s * x0
+    got = ours.step(output, t, x, seed=4, offset=9)
+    want = plain.step(eps, t, x, seed=4, offset=9)
+    # The kernel recomputes x0 from the implied noise in float32: rounding of x_t (values
+    # below 4) magnified by 1 / sqrt(ab_t), 156 at t = 999; 32 ulps of that bound it.
+    atol = 32 * 2.0 ** -24 * 4 / a
+    torch.testing.assert_close(got.pred_x0, want.pred_x0, rtol=0, atol=atol)
+    torch.testing.assert_close(got.prev_sample, want.prev_sample, rtol=0, atol=atol)
+    torch.testing.assert_close(got.pred_x0, x0, rtol=0, atol=atol)
+
+
+def test_unknown_prediction_type_is_refused():
+    with pytest.raises(ValueError, match="prediction_type must be one of"):
+        DDIMScheduler(prediction_type="x0")
