@@ -229,7 +229,9 @@ class Segmenter:
                             f"diffusion steps), got {steps}")
         key = (steps, ensemble)
         if key not in self._samplers:
-            scheduler = DDIMScheduler(self.loaded.schedule, eta=self.settings.eta).set_timesteps(steps)
+            scheduler = DDIMScheduler(self.loaded.schedule, eta=self.settings.eta,
+                                      prediction_type=self.loaded.info.get("prediction_type", "epsilon")
+                                      ).set_timesteps(steps)
             tile = self.settings.tile_shape or self.loaded.patch_shape or (128, 128, 128)
             self._samplers[key] = FullVolumeSampler(
                 self.loaded.model, scheduler=scheduler, ensemble_size=ensemble, precision=self.settings.precision,

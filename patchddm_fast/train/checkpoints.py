@@ -131,6 +131,9 @@ def load_trained_model(path, *, ema: bool = True, map_location="cpu", **options)
     info = {
         "path": str(path),
         "schedule": dict(extra.get("schedule", SCHEDULE)),
+        # What the network predicts; checkpoints without the entry (imported original ones,
+        # ours from before it) predict the noise.
+        "prediction_type": extra.get("prediction_type", "epsilon"),
         "volume_shape": tuple(shapes["volume"]) if shapes.get("volume") else None,
         "patch_shape": tuple(shapes["patch"]) if shapes.get("patch") else None,
         "image_channels": int(shapes.get("image_channels", model.config.in_channels - 4)),

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..diffusion.schedulers import PREDICTION_TYPES
 from ..nn import PRESETS, UNetConfig
 from ..nn.unet import CHECKPOINT_MODES
 
@@ -51,6 +52,9 @@ class TrainConfig:
         "cosine" (decay to lr_min_ratio * lr at `steps`); warmup_steps: linear warmup from 0.
     weight_decay: AdamW's decoupled weight decay.
     precision: "fp32", "bf16" (autocast) or "fp16" (autocast and a gradient scaler).
+    prediction_type: what the network learns to predict from x_t: "sample" (x0, the mask
+        itself; the default, see docs/STUDY.md for why), "epsilon" (the noise, as the
+        original PatchDDM) or "v_prediction". Recorded in the checkpoint for the samplers.
     checkpoint: activation checkpointing of the network, "off", "cheap" or "blocks"
         (patchddm_fast.nn.UNet3D; None: "cheap" paper, "off" small).
     channels_last: run the convolutions in the channels_last_3d memory format (faster on some
@@ -85,6 +89,7 @@ class TrainConfig:
     warmup_steps: int = 0
     weight_decay: float = 0.0
     precision: str = "fp32"
+    prediction_type: str = "sample"
     checkpoint: str | None = None
     channels_last: bool = False
     ema: float | None = 0.999
@@ -147,7 +152,9 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        values.setdefault("prediction_type", "epsilon")  # runs from before the setting trained the noise
+        return cls(**values)
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -188,6 +195,8 @@ def _problems(c: TrainConfig):
             elif network is not None and c.volume % network.size_multiple:
                 yield (f"volume must be a multiple of {network.size_multiple} so the {c.preset} network can "
                        f"run on the whole volume at sampling time, got {c.volume}")
+    if c.prediction_type not in PREDICTION_TYPES:
+        yield f"prediction_type must be one of {PREDICTION_TYPES}, got {c.prediction_type!r}"
     for name in ("steps", "batch_size"):
         value = getattr(c, name)
         if not (_is_int(value) and value > 0):
@@ -288,6 +297,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                        help="AdamW weight decay (default: %(default)s)")
     optim.add_argument("--precision", choices=PRECISIONS, default=d["precision"].default,
                        help="fp32, bf16 autocast, or fp16 autocast with loss scaling (default: %(default)s)")
+    optim.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=d["prediction_type"].default,
+                       help="what the network predicts: sample (x0, default), epsilon (the noise, as the "
+                            "original PatchDDM) or v_prediction")
     optim.add_argument("--checkpoint", choices=CHECKPOINT_MODES, default=None,
                        help="activation checkpointing to save memory: off, cheap (recompute norms) or "
                             "blocks (recompute whole blocks) (default: cheap paper, off small)")

@@ -35,13 +35,16 @@ def sample_draws(seed: int, numbers, num_timesteps: int) -> tuple[torch.Tensor, 
 
 
 def noise_prediction_loss(model, model_input: torch.Tensor, mask: torch.Tensor, schedule: NoiseSchedule,
-                          timesteps: torch.Tensor, seeds: list[int], autocast=None) -> torch.Tensor:
-    """mean((model([image, coordinates, x_t], t) - z)^2) over the batch.
+                          timesteps: torch.Tensor, seeds: list[int], autocast=None,
+                          prediction_type: str = "epsilon") -> torch.Tensor:
+    """mean((model([image, coordinates, x_t], t) - target)^2) over the batch.
 
     model_input: (B, C + 1, ...) with image and coordinates in the first C channels; its last
     channel is overwritten with x_t = sqrt(ab_t) mask + sqrt(1 - ab_t) z (fused q_sample, in
     place). z of sample b is Philox noise of seeds[b]; it is regenerated for the loss rather
     than kept alive through the forward pass. autocast: a context manager for the forward.
+    target, by prediction_type: "epsilon" z (the original PatchDDM), "sample" the mask (x0),
+    "v_prediction" sqrt(ab_t) z - sqrt(1 - ab_t) mask.
     """
     batch = mask.shape[0]
     if model_input.shape[0] != batch or len(seeds) != batch or timesteps.numel() != batch:
@@ -61,7 +64,16 @@ def noise_prediction_loss(model, model_input: torch.Tensor, mask: torch.Tensor, 
     if prediction.shape != mask.shape:
         raise ValueError(f"the model returned shape {tuple(prediction.shape)}, expected the noise of the mask "
                          f"{tuple(mask.shape)}")
+    if prediction_type == "sample":
+        return F.mse_loss(prediction.float(), mask.float())
     noise = torch.empty(mask.shape, dtype=torch.float32, device=mask.device)
     for b in range(batch):
         noise[b:b + 1] = philox_normal((1,) + tuple(mask.shape[1:]), seeds[b], device=mask.device)
-    return F.mse_loss(prediction.float(), noise)
+    if prediction_type == "epsilon":
+        return F.mse_loss(prediction.float(), noise)
+    if prediction_type != "v_prediction":
+        raise ValueError(f"prediction_type must be 'epsilon', 'sample' or 'v_prediction', got {prediction_type!r}")
+    view = (-1,) + (1,) * (mask.dim() - 1)
+    a = alpha_bar.sqrt().to(device=mask.device, dtype=torch.float32).view(view)
+    s = (1 - alpha_bar).sqrt().to(device=mask.device, dtype=torch.float32).view(view)
+    return F.mse_loss(prediction.float(), a * noise - s * mask.float())

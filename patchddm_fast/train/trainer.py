@@ -122,7 +122,7 @@ class _Run:
                 self.validator = Validator(validation_cases[:config.validate_cases], (self.volume,) * 3,
                                            steps=config.validate_steps, ensemble=config.validate_ensemble,
                                            schedule=self.schedule, precision=SAMPLER_PRECISION[config.precision],
-                                           seed=config.seed)
+                                           seed=config.seed, prediction_type=config.prediction_type)
             else:
                 logger.warning("patchddm_fast: no validation cases in %s (the split gave none); validation is off",
                                config.data_dir)
@@ -201,7 +201,7 @@ class _Run:
                     optimizer=self.optimizer.state_dict(),
                     scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
                     ema=self.ema.state_dict() if self.ema is not None else None, rng=rng_states(),
-                    schedule=dict(SCHEDULE),
+                    schedule=dict(SCHEDULE), prediction_type=c.prediction_type,
                     shapes={"patch": [self.patch] * 3, "volume": [self.volume] * 3,
                             "image_channels": self.model.config.in_channels - 4},
                     world_size=self.dist.world_size, last_loss=self.last_loss, precision=c.precision,
@@ -246,7 +246,8 @@ class _Run:
         lr = c.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss = noise_prediction_loss(self.trained, inputs, mask, self.schedule, timesteps, seeds, self.autocast())
+        loss = noise_prediction_loss(self.trained, inputs, mask, self.schedule, timesteps, seeds, self.autocast(),
+                                     prediction_type=c.prediction_type)
         total, votes = self.dist.sum([loss.item(), 1.0 if self.stop.requested else 0.0])
         mean_loss = total / world
         if not math.isfinite(mean_loss) and not self.scaler.is_enabled():

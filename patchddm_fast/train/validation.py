@@ -40,12 +40,14 @@ class Validator:
     """
 
     def __init__(self, cases: Sequence[CaseFiles], volume_shape, *, steps: int = 10, ensemble: int = 3,
-                 schedule=None, precision: str = "float32", seed: int = 0, progress: bool = False):
+                 schedule=None, precision: str = "float32", seed: int = 0, progress: bool = False,
+                 prediction_type: str = "epsilon"):
         self.cases = list(cases)
         self.volume_shape = tuple(volume_shape)
         self.steps, self.ensemble, self.seed = steps, ensemble, seed
         self.schedule = schedule if schedule is not None else make_schedule()
         self.precision, self.progress = precision, progress
+        self.prediction_type = prediction_type
         self._prepared = None
 
     def _volumes(self):
@@ -59,7 +61,7 @@ class Validator:
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
-        scheduler = DDIMScheduler(self.schedule, eta=0.0).set_timesteps(self.steps)
+        scheduler = DDIMScheduler(self.schedule, eta=0.0, prediction_type=self.prediction_type).set_timesteps(self.steps)
         sampler = FullVolumeSampler(model, scheduler=scheduler, ensemble_size=self.ensemble,
                                     precision=self.precision, coord_shape=self.volume_shape, progress=self.progress)
         result = Evaluation()
@@ -87,5 +89,5 @@ def evaluate_checkpoint(path, cases: Sequence[CaseFiles], *, steps: int = 10, en
                          "written by the trainer")
     validator = Validator(cases, info["volume_shape"], steps=steps, ensemble=ensemble,
                           schedule=make_schedule(info["schedule"]), precision=precision, seed=seed,
-                          progress=progress)
+                          progress=progress, prediction_type=info["prediction_type"])
     return validator.evaluate(model)

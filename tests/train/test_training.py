@@ -6,14 +6,17 @@ import pytest
 import torch
 from train_helpers import tiny_config
 
-from patchddm_fast.train import LAST, load_trained_model, read_training_checkpoint, train
+from patchddm_fast.ops import philox_normal
+from patchddm_fast.train import LAST, load_trained_model, make_schedule, read_training_checkpoint, train
+from patchddm_fast.train.objective import noise_prediction_loss
 from patchddm_fast.train.logs import STEP_LOG, VALIDATION_LOG, read_jsonl
 
 
 def test_short_run_lowers_the_loss(phantoms, tmp_path):
     out = tmp_path / "run"
     result = train(tiny_config(phantoms, out, steps=30, lr=2e-3, save_every=10, keep_every=20,
-                               validate_every=30, validate_cases=1, validate_steps=3, validate_ensemble=2),
+                               validate_every=30, validate_cases=1, validate_steps=3, validate_ensemble=2,
+                               prediction_type="epsilon"),
                    progress=False)
     records = read_jsonl(out / STEP_LOG)
     assert [r["step"] for r in records] == list(range(1, 31))
@@ -106,3 +109,42 @@ def test_non_finite_gradients_skip_the_update_then_stop_the_run(phantoms, tmp_pa
     for name, value in good.state_dict().items():
         assert torch.equal(model.state_dict()[name], value), name
     assert [r["step"] for r in read_jsonl(out / STEP_LOG)] == [1, 2, 3, 4, 5]
+
+
+
+def test_x0_target_trains_and_is_recorded(phantoms, tmp_path):
+    out = tmp_path / "run"
+    result = train(tiny_config(phantoms, out, steps=30, lr=2e-3, save_every=30, prediction_type="sample"),
+                   progress=False)
+    losses = [r["loss"] for r in read_jsonl(out / STEP_LOG)]
+    # From a zero output the x0 loss is the tumour fraction of the patches; training must cut it.
+    first, last = sum(losses[:5]) / 5, sum(losses[-10:]) / 10
+    assert last < 0.8 * first, (first, last)
+    _, info = load_trained_model(result.checkpoint)
+    assert info["prediction_type"] == "sample"
+    _, extra = read_training_checkpoint(result.checkpoint)
+    assert extra["train_config"]["prediction_type"] == "sample"
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_the_loss_targets_what_the_prediction_type_names(prediction_type):
+    schedule = make_schedule()
+    mask = (torch.rand(2, 1, 4, 4, 4) > 0.7).float()
+    model_input = torch.zeros(2, 8, 4, 4, 4)
+    timesteps, seeds = torch.tensor([10, 900]), [5, 6]
+    seen = {}
+
+    def model(x, t):
+        seen["x_t"] = x[:, 7:].clone()
+        return torch.zeros_like(mask)
+
+    loss = noise_prediction_loss(model, model_input, mask, schedule, timesteps, seeds,
+                                 prediction_type=prediction_type)
+    noise = torch.cat([philox_normal((1, 1, 4, 4, 4), seed) for seed in seeds]).double()
+    ab = schedule.alpha_bar(timesteps).view(-1, 1, 1, 1, 1)
+    # float32 q_sample against float64: a few ulps of values below 5.
+    torch.testing.assert_close(seen["x_t"].double(), ab.sqrt() * mask + (1 - ab).sqrt() * noise, rtol=0, atol=1e-5)
+    target = {"epsilon": noise, "sample": mask.double(),
+              "v_prediction": ab.sqrt() * noise - (1 - ab).sqrt() * mask}[prediction_type]
+    # A zero prediction: the loss is the target's mean square, float32 sums of 128 terms.
+    assert float(loss) == pytest.approx(float((target ** 2).mean()), rel=1e-5)
