@@ -12,7 +12,9 @@ together do what one process does on the combined batch.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 import math
 import time
 from dataclasses import dataclass
@@ -53,6 +55,8 @@ class TrainResult:
     out_dir: Path
     seconds: float
 
+
+SPLIT = "split.json"  # the cases of each part of the split, written at the start of a run
 
 def data_volume_edge(cases, size_multiple: int) -> int:
     """The padded volume of a data set: a cube whose edge is the longest axis of the first
@@ -130,6 +134,7 @@ class _Run:
                           progress=progress, time_offset=self.elapsed_before)
         if resumed is not None:
             self.log.message(f"resumed from {self.out_dir / LAST} at step {self.step}")
+        self._record_split()
 
     # -- setup ------------------------------------------------------------------------------
     def _prepare_out_dir(self) -> None:
@@ -153,7 +158,23 @@ class _Run:
         parts = split_cases(cases)
         if not parts["train"]:
             raise DataError(f"{self.config.data_dir}: the split left no training cases (of {len(cases)} usable)")
+        self.split = {name: [case.case_id for case in part] for name, part in parts.items()}
         return parts["train"], parts["validation"]
+
+    def _record_split(self) -> None:
+        """Says which cases training holds out, and writes them to out_dir/split.json (what
+        `patchddm sample --subset` and `sweep --subset` pick), so nobody scores training cases
+        by mistake."""
+        if not self.dist.is_main:
+            return
+        path = self.out_dir / SPLIT
+        partial = path.with_name(f".{SPLIT}.partial")
+        partial.write_text(json.dumps({"data_dir": str(self.config.data_dir), **self.split}, indent=1))
+        os.replace(partial, path)
+        held = ", ".join(f"{name} {len(self.split[name])} ({' '.join(self.split[name]) or '-'})"
+                         for name in ("validation", "test"))
+        self.log.message(f"split of {self.config.data_dir}: train {len(self.split['train'])}, {held}; "
+                         f"written to {path}", important=True)
 
     def _read_resume(self):
         return read_training_checkpoint(self.out_dir / LAST, map_location=self.device)
