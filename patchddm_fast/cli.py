@@ -23,6 +23,8 @@ import time
 import traceback
 from pathlib import Path
 
+from .precision import SHORT_NAMES, precision_argument
+
 EXIT_OK, EXIT_CASES_FAILED, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 EXIT_STATUS_HELP = """exit status:
@@ -99,7 +101,8 @@ def _sampling_options(parser: argparse.ArgumentParser, *, steps_help: str, ensem
         group.add_argument("--ensemble", type=_positive_int, default=5, help=ensemble_help)
     group.add_argument("--seed", type=int, default=0,
                        help="seed of the run; each case's seed is derived from it and the case id")
-    group.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+    group.add_argument("--precision", default="fp32", type=precision_argument,
+                       metavar="{" + ",".join(SHORT_NAMES) + "}",
                        help="network precision (autocast); bf16 halves memory on recent GPUs")
     group.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
     group.add_argument("--tiled", action="store_true",

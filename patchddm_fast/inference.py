@@ -32,10 +32,8 @@ from .data import PAPER_VOLUME, CaseError, CaseFiles, DataError, PreparedCase, f
 from .data.preprocess import as_shape
 from .diffusion import DDIMScheduler, FullVolumeSampler, NoiseSchedule, SegmentationResult
 from .nn import CheckpointMismatchError, read_state_dict
+from .precision import precision_name
 
-# The sampler's precision names, and the short spellings the command line accepts.
-PRECISIONS = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
-              "fp16": "float16", "float16": "float16"}
 OUTPUT_KINDS = ("mask", "mean", "uncertainty", "montage")
 IMAGE_CHANNELS = 4  # t1, t1ce, t2, flair
 FLAIR = 3
@@ -74,12 +72,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     elif device.type != "cpu":
         raise DataError(f"--device {name}: only cpu and cuda devices are supported")
     return device
-
-
-def precision_name(value: str) -> str:
-    if value not in PRECISIONS:
-        raise DataError(f"precision {value!r} is not one of {', '.join(sorted(PRECISIONS))}")
-    return PRECISIONS[value]
 
 
 # -- the model --------------------------------------------------------------------------------
@@ -210,7 +202,10 @@ class SamplingSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise DataError(f"{name} must be a positive integer, got {value!r}")
-        self.precision = precision_name(self.precision)
+        try:
+            self.precision = precision_name(self.precision)
+        except ValueError as error:
+            raise DataError(str(error)) from None
 
 
 class Segmenter:

@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 
 from ..ops import assemble_input, philox_normal
 from .memory import device_free_bytes, format_bytes, forward_peak_bytes, probe_shape
-from .sampling import PRECISIONS, predict_noise
+from ..precision import precision_name
+from .sampling import predict_noise
 from .schedule import NoiseSchedule
 from .schedulers import DDIMScheduler
 from .tiling import Tiling
@@ -110,14 +111,12 @@ class FullVolumeSampler:
                  pad_to=None, coord_shape=None, memory_budget: int | None = None, memory_fraction: float = 0.9,
                  max_batch: int | None = None, member_bytes: int | None = None, tiled: bool = False,
                  tile_shape=(128, 128, 128), tile_overlap=None, progress: bool = True):
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
         if scheduler is None:
             scheduler = DDIMScheduler(NoiseSchedule.linear(), eta=eta).set_timesteps(steps)
         self.model = model
         self.scheduler = scheduler
         self.ensemble_size = _positive_int("ensemble_size", ensemble_size)
-        self.precision = precision
+        self.precision = precision_name(precision)
         self.image_channels = image_channels if image_channels is not None else _model_image_channels(model)
         self.size_multiple = _positive_int("size_multiple", size_multiple or _model_size_multiple(model))
         self.pad_to = _triple("pad_to", pad_to) if pad_to is not None else None

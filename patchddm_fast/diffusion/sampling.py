@@ -11,31 +11,18 @@ for x_T itself (see FullVolumeSampler).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from tqdm.auto import tqdm
 
+from ..precision import autocast
 from .schedule import NoiseSchedule
 from .schedulers import DDIMScheduler, DDPMScheduler
-
-PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def autocast_context(device: torch.device, precision: str):
-    """torch.autocast for 'bfloat16' / 'float16', nothing for 'float32'."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def predict_noise(model, model_input: torch.Tensor, timestep: int, xt_shape, precision: str = "float32"):
     """model(model_input, t) with integer timesteps (B,), checked to be the noise of x_t."""
     timesteps = torch.full((model_input.shape[0],), int(timestep), dtype=torch.int64, device=model_input.device)
-    with autocast_context(model_input.device, precision):
+    with autocast(model_input.device, precision):
         eps = model(model_input, timesteps)
     if not isinstance(eps, torch.Tensor) or tuple(eps.shape) != tuple(xt_shape):
         raise ValueError(f"the model returned {tuple(getattr(eps, 'shape', ())) or type(eps).__name__} for an input "

@@ -11,7 +11,6 @@ together do what one process does on the combined batch.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -26,7 +25,8 @@ from ..nn import UNet3D
 from .checkpoints import (LAST, SCHEDULE, checkpoint_exists, make_schedule, read_training_checkpoint,
                           remove_stale_temporaries, restore_rng_states, rng_states, save_training_checkpoint,
                           step_path)
-from .config import SAMPLER_PRECISION, TrainConfig
+from ..precision import autocast, parse_precision
+from .config import TrainConfig
 from .distributed import Distributed
 from .ema import WeightAverage
 from .interrupt import StopRequest, ignore_interrupts
@@ -36,7 +36,6 @@ from .validation import Validator
 
 logger = logging.getLogger("patchddm_fast")
 
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _MAX_SKIPPED = 5  # consecutive steps with non-finite gradients before a run gives up
 
 
@@ -107,13 +106,13 @@ class _Run:
                             channels_last=config.channels_last).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr_at(0),
                                            weight_decay=config.weight_decay)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
+        fp16 = parse_precision(config.precision) == torch.float16  # only fp16 needs loss scaling
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self.ema = WeightAverage(self.model, config.ema) if config.ema else None
         if resumed is not None:
             self._restore(*resumed)
         self.trained = distributed.wrap(self.model)
-        dtype = _AUTOCAST_DTYPES.get(config.precision)
-        self.autocast = (lambda: torch.autocast(self.device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+        self.autocast = lambda: autocast(self.device, config.precision)
 
         self.dataset = PatchDataset(train_cases, patch_shape=self.patch, volume_shape=self.volume, seed=config.seed,
                                     cache_bytes=config.cache_bytes)
@@ -122,7 +121,7 @@ class _Run:
             if validation_cases:
                 self.validator = Validator(validation_cases[:config.validate_cases], (self.volume,) * 3,
                                            steps=config.validate_steps, ensemble=config.validate_ensemble,
-                                           schedule=self.schedule, precision=SAMPLER_PRECISION[config.precision],
+                                           schedule=self.schedule, precision=config.precision,
                                            seed=config.seed)
             else:
                 logger.warning("patchddm_fast: no validation cases in %s (the split gave none); validation is off",
