@@ -8,23 +8,28 @@ coordinates into its first C channels (patchddm_fast.ops.assemble_input), and th
 q_sample writes x_t straight into its last channel, so no torch.cat happens per step. The
 noise z is not kept alive through the forward pass: it is regenerated from its Philox key
 (seed, offset) for the loss.
+
+The noise has one Philox key for the batch, or one per sample (the trainer keys each sample
+by its number in the run, so that resumed and data-parallel runs draw the same noise).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from ..ops import philox_normal, q_sample
+from ..precision import autocast
 from .schedule import NoiseSchedule
 
 
 class LossOutput(NamedTuple):
     loss: torch.Tensor          # the mean loss (0-d), or per sample (B,) with reduction="none"
     timesteps: torch.Tensor     # (B,) int64 on the model input's device
-    seed: int                   # Philox key of the noise: z = philox_normal(mask.shape, seed)
+    seed: int | list[int]       # Philox key(s) of the noise (see diffusion_loss)
     prediction: torch.Tensor    # the model's predicted noise (B, 1, D, H, W)
 
 
@@ -48,9 +53,9 @@ def sample_timesteps(batch: int, schedule: NoiseSchedule, generator: torch.Gener
 
 
 def diffusion_loss(model, model_input: torch.Tensor, mask: torch.Tensor, schedule: NoiseSchedule, *,
-                   timesteps: torch.Tensor | None = None, seed: int | None = None,
-                   generator: torch.Generator | None = None, reduction: str = "mean",
-                   return_details: bool = False):
+                   timesteps: torch.Tensor | None = None, seed: int | Sequence[int] | None = None,
+                   generator: torch.Generator | None = None, precision: str | torch.dtype = "float32",
+                   reduction: str = "mean", return_details: bool = False):
     """The noise-prediction loss of one batch.
 
     model: callable model(x, timesteps) -> predicted noise shaped like mask.
@@ -59,7 +64,10 @@ def diffusion_loss(model, model_input: torch.Tensor, mask: torch.Tensor, schedul
     mask: (B, K, D, H, W) the clean target x0 (PatchDDM: the binary tumour mask, 0 or 1).
     schedule: the noise schedule (NoiseSchedule.linear() for PatchDDM).
     timesteps: optional (B,) integer timesteps; default drawn uniformly from `generator`.
-    seed: Philox key of the noise; default drawn from `generator` (None: torch's default).
+    seed: Philox key of the noise, z = philox_normal(mask.shape, seed); or one key per sample,
+        z[b] = philox_normal(mask[b:b+1].shape, seed[b]); default one key drawn from
+        `generator` (None: torch's default).
+    precision: autocast of the model's forward (patchddm_fast.precision); the loss is float32.
     reduction: "mean" (a 0-d tensor) or "none" (the loss of each sample, (B,)).
     Returns the loss, or LossOutput(loss, timesteps, seed, prediction) with return_details.
     """
@@ -83,17 +91,41 @@ def diffusion_loss(model, model_input: torch.Tensor, mask: torch.Tensor, schedul
         raise ValueError(f"{name}: {timesteps.numel()} timesteps for a batch of {batch}")
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+    if isinstance(seed, Sequence):
+        seed = [int(s) for s in seed]
+        if len(seed) != batch:
+            raise ValueError(f"{name}: {len(seed)} noise seeds for a batch of {batch}")
+    else:
+        seed = int(seed)
 
     x_t = model_input[:, -k:]
-    q_sample(mask.to(model_input.dtype), schedule.alpha_bar(timesteps), seed=seed, return_noise=False, out=x_t)
+    target, alpha_bar = mask.to(model_input.dtype), schedule.alpha_bar(timesteps)
+    if isinstance(seed, int):
+        q_sample(target, alpha_bar, seed=seed, return_noise=False, out=x_t)
+    else:
+        for b, key in enumerate(seed):
+            q_sample(target[b:b + 1], alpha_bar[b:b + 1], seed=key, return_noise=False, out=x_t[b:b + 1])
     timesteps = timesteps.to(model_input.device)
-    prediction = model(model_input, timesteps)
+    with autocast(model_input.device, precision):
+        prediction = model(model_input, timesteps)
     if not isinstance(prediction, torch.Tensor) or prediction.shape != mask.shape:
         raise ValueError(f"{name}: the model returned shape {tuple(getattr(prediction, 'shape', ()))}; "
                          f"expected the predicted noise, shaped like mask {tuple(mask.shape)}")
-    noise = philox_normal(mask.shape, seed, dtype=torch.float32, device=mask.device)
-    per_sample = F.mse_loss(prediction.float(), noise, reduction="none").flatten(1).mean(dim=1)
-    loss = per_sample.mean() if reduction == "mean" else per_sample
+    noise = _noise(mask, seed)
+    if reduction == "mean":
+        loss = F.mse_loss(prediction.float(), noise)
+    else:
+        loss = F.mse_loss(prediction.float(), noise, reduction="none").flatten(1).mean(dim=1)
     if return_details:
         return LossOutput(loss, timesteps, seed, prediction)
     return loss
+
+
+def _noise(mask: torch.Tensor, seed: int | list[int]) -> torch.Tensor:
+    """The noise q_sample drew, regenerated from its key(s) in float32."""
+    if isinstance(seed, int):
+        return philox_normal(mask.shape, seed, dtype=torch.float32, device=mask.device)
+    noise = torch.empty(mask.shape, dtype=torch.float32, device=mask.device)
+    for b, key in enumerate(seed):
+        noise[b:b + 1] = philox_normal((1,) + tuple(mask.shape[1:]), key, device=mask.device)
+    return noise
