@@ -6,7 +6,8 @@ import pytest
 import torch
 from train_helpers import tiny_config
 
-from patchddm_fast.train import LAST, load_trained_model, read_training_checkpoint, train
+from patchddm_fast.train import load_trained_model, read_training_checkpoint, train
+from patchddm_fast.train.checkpoints import LAST
 from patchddm_fast.train.logs import STEP_LOG, VALIDATION_LOG, read_jsonl
 
 
@@ -41,16 +42,16 @@ def test_checkpoint_contents(phantoms, tmp_path):
     train(tiny_config(phantoms, out, steps=3, save_every=100), progress=False)
     model, extra = read_training_checkpoint(out / LAST)
     assert (extra["step"], extra["samples_done"], extra["world_size"]) == (3, 6, 1)
-    assert extra["shapes"] == {"patch": [16] * 3, "volume": [24] * 3, "image_channels": 4}
+    assert (extra["patch_shape"], extra["volume_shape"], extra["image_channels"]) == ([16] * 3, [24] * 3, 4)
     assert extra["train_config"]["lr"] == 1e-3 and extra["train_config"]["checkpoint"] == "off"
     assert extra["ema"]["updates"] == 3 and extra["scaler"] is None
     assert set(extra["rng"]) == {"torch", "cuda", "numpy", "python"}
     ema_model, info = load_trained_model(out / LAST)
     raw_model, raw_info = load_trained_model(out / LAST, ema=False)
-    assert info["ema"] and not raw_info["ema"] and not ema_model.training
-    assert info["volume_shape"] == (24, 24, 24) and info["patch_shape"] == (16, 16, 16)
-    assert info["schedule"]["name"] == "linear" and info["schedule"]["num_timesteps"] == 1000
-    assert info["step"] == 3 and math.isclose(info["last_loss"], extra["last_loss"])
+    assert info.ema_weights and not raw_info.ema_weights and not ema_model.training
+    assert info.volume_shape == (24, 24, 24) and info.patch_shape == (16, 16, 16)
+    assert info.schedule.name == "linear" and info.schedule.num_timesteps == 1000
+    assert info.step == 3 and math.isclose(info.last_loss, extra["last_loss"])
     for name, value in raw_model.state_dict().items():
         assert torch.equal(value, model.state_dict()[name])
     differs = [n for n, v in ema_model.state_dict().items() if not torch.equal(v, raw_model.state_dict()[n])]

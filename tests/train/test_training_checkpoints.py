@@ -32,8 +32,8 @@ def test_network_checkpoint_without_training_state(tmp_path):
     save_checkpoint(UNet3D(SMALL), path)
     model, info = load_trained_model(path)
     assert model.config == SMALL and not model.training
-    assert info["volume_shape"] is None and info["step"] is None and not info["ema"]
-    assert info["schedule"]["name"] == "linear" and info["image_channels"] == 4
+    assert info.volume_shape is None and info.step is None and not info.ema_weights
+    assert info.schedule.name == "linear" and info.image_channels == 4
     with pytest.raises(CheckpointMismatchError, match="without training state"):
         read_training_checkpoint(path)
 
