@@ -244,7 +244,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_train(args) -> int:
-    from .inference import resolve_device
+    from .device import resolve_device
     from .train import config_from_args, train
 
     try:
@@ -313,7 +313,8 @@ def _run_evaluate(args) -> int:
 
 def _run_sweep(args) -> int:
     from .data import find_cases, split_cases
-    from .inference import Segmenter, load_model, resolve_device
+    from .device import resolve_device
+    from .inference import Segmenter, load_model
     from .sweep import format_sweep, run_sweep, summarise_sweep, write_sweep
 
     cases, report = find_cases(args.data_dir, with_label=True)
