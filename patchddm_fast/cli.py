@@ -380,6 +380,7 @@ def _run_info(args) -> int:
 def _run_import_checkpoint(args) -> int:
     import os
 
+    from .checkpoint_info import CheckpointInfo
     from .nn import load_original_checkpoint, save_checkpoint
 
     out = Path(args.out).expanduser()
@@ -392,8 +393,9 @@ def _run_import_checkpoint(args) -> int:
     if not os.path.isfile(args.original):
         raise _InputError(f"{args.original}: no such checkpoint file")
     model = load_original_checkpoint(args.original, groups=args.groups)
-    save_checkpoint(model, out, volume_shape=list(args.volume), patch_shape=list(args.patch),
-                    schedule={"name": "linear", "num_timesteps": 1000}, source=str(Path(args.original).resolve()))
+    info = CheckpointInfo(volume_shape=args.volume, patch_shape=args.patch,  # PatchDDM's schedule
+                          image_channels=model.config.in_channels - 4, source=str(Path(args.original).resolve()))
+    save_checkpoint(model, out, **info.to_dict())
     parameters = sum(p.numel() for p in model.parameters())
     print(f"imported {args.original}: {model.config} ({parameters:,} parameters)")
     print(f"written to {out}")
