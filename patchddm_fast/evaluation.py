@@ -247,3 +247,7 @@ def write_csv(evaluation: FolderScores, path: str | os.PathLike) -> Path:
                              _number(summary["hd95"][statistic], 4), ""])
     os.replace(partial, path)
     return path
+
+
+__all__ = ["CaseScore", "FolderScores", "evaluate_folders", "find_predictions", "find_truths", "format_table",
+           "read_mask", "score_case", "summarise", "write_csv"]

@@ -16,7 +16,7 @@ _DIFFUSION_STREAM = 2  # the data module keys its draws with streams 0 and 1
 
 
 def sample_numbers(samples_done: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[int]:
-    """The sample numbers of this process's next batch (patchddm_fast.data.StreamSampler's
+    """The sample numbers of this process's next batch (patchddm_fast.data.patches.StreamSampler's
     order: start + rank, start + rank + world_size, ...)."""
     return [samples_done + j * world_size + rank for j in range(batch_size)]
 
