@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from ..ops import assemble_input, philox_normal
 from ..precision import precision_name
 from .memory import forward_peak_bytes, probe_shape
-from .plan import SamplingPlan, SamplingPlanner, VolumeTooLargeError, positive_int, triple
+from .plan import SamplingPlan, SamplingPlanner, positive_int, triple
 from .sampling import denoise, predict_noise
 from .schedule import NoiseSchedule
 from .schedulers import DDIMScheduler

@@ -165,10 +165,11 @@ class _Run:
             raise ValueError(f"{self.out_dir / LAST}: its network {model.config} differs from the one asked for "
                              f"({c.network}; preset {c.preset!r}, width {c.width}); resume with the same settings")
         info = CheckpointInfo.from_dict(extra)
-        if info.patch_shape[0] != c.patch_edge:
-            raise ValueError(f"{self.out_dir / LAST}: trained on {info.patch_shape[0]}^3 patches, but patch={c.patch_edge}")
-        if c.volume is not None and info.volume_shape[0] != c.volume:
-            raise ValueError(f"{self.out_dir / LAST}: trained on a {info.volume_shape[0]}^3 volume, but volume={c.volume}")
+        patch, volume = info.patch_shape[0], info.volume_shape[0]
+        if patch != c.patch_edge:
+            raise ValueError(f"{self.out_dir / LAST}: trained on {patch}^3 patches, but patch={c.patch_edge}")
+        if c.volume is not None and volume != c.volume:
+            raise ValueError(f"{self.out_dir / LAST}: trained on a {volume}^3 volume, but volume={c.volume}")
         before = extra["train_config"]
         if before.get("seed") != c.seed:
             logger.warning("patchddm_fast: resuming with seed %s instead of %s: later draws differ from an "
