@@ -13,6 +13,9 @@ A case that cannot be read or sampled is reported and the others go on; every fi
 under a temporary name and renamed, so an interrupted or failing run never leaves a half-written
 file and never touches the outputs of other cases. Each case's seed is derived from the run's
 seed and its case id, so a case gets the same result whichever other cases are in the folder.
+
+model: loading a checkpoint for sampling; segmenter: settings, seeds, the ensemble sampler;
+outputs: the files of a case; run_log: sampling.json; folder: a folder of cases.
 """
 
 from .folder import CaseOutcome, SampleReport, sample_folder
