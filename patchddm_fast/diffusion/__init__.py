@@ -6,13 +6,13 @@ patchddm_fast.ops (ddim_step, ddpm_step, q_sample), writing into preallocated bu
 
 from .full_volume import FullVolumeSampler, SegmentationResult, member_seeds
 from .loss import LossOutput, diffusion_loss, model_input_buffer, sample_timesteps
-from .plan import SamplingPlan, VolumeTooLargeError
+from .plan import PlanOptions, SamplingPlan, VolumeTooLargeError
 from .sampling import ddim_sample, ddpm_sample, denoise, original_ddim_sample, sample_loop
 from .schedule import NoiseSchedule
 from .schedulers import DDIMScheduler, DDPMScheduler, StepOutput, inference_timesteps
 
 __all__ = [
-    "DDIMScheduler", "DDPMScheduler", "FullVolumeSampler", "LossOutput", "NoiseSchedule", "SamplingPlan",
+    "DDIMScheduler", "DDPMScheduler", "FullVolumeSampler", "LossOutput", "NoiseSchedule", "PlanOptions", "SamplingPlan",
     "SegmentationResult", "StepOutput", "VolumeTooLargeError", "ddim_sample", "ddpm_sample", "denoise",
     "diffusion_loss", "inference_timesteps", "member_seeds", "model_input_buffer", "original_ddim_sample",
     "sample_loop", "sample_timesteps",

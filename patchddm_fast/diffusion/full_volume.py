@@ -33,14 +33,14 @@ from tqdm.auto import tqdm
 from ..ops import assemble_input, philox_normal
 from ..precision import precision_name
 from .memory import forward_peak_bytes, probe_shape
-from .plan import SamplingPlan, SamplingPlanner, positive_int, triple
+from .plan import PlanOptions, SamplingPlan, SamplingPlanner, positive_int, triple
 from .sampling import denoise, predict_noise
 from .schedule import NoiseSchedule
 from .schedulers import DDIMScheduler
 from .tiling import Tiling
 from .volume_input import COORD_CHANNELS, XT_CHANNELS, check_volume, pad_volume
 
-__all__ = ["FullVolumeSampler", "SegmentationResult", "member_seeds"]
+__all__ = ["FullVolumeSampler", "PlanOptions", "SegmentationResult", "member_seeds"]
 
 
 def member_seeds(seed: int, count: int) -> list[int]:
@@ -103,41 +103,25 @@ class FullVolumeSampler:
     """Samples segmentations of whole volumes with an ensemble, on the fused ops.
 
     model: model(x, timesteps) -> predicted noise, x = [image (C), coordinates (3), x_t (1)].
-    steps, eta: DDIM with `steps` steps (the original PatchDDM sampler when eta = 0);
-        or `scheduler`: any DDIMScheduler / DDPMScheduler (its timesteps as set).
+    scheduler: a DDIMScheduler / DDPMScheduler with its timesteps set (default: PatchDDM's
+        DDIM, 20 steps, eta = 0: the original sampler).
     ensemble_size: samples per volume (the paper: 1 to 15); mean, mask, std come from them.
     precision: 'float32' (default), 'bfloat16' or 'float16' (any name patchddm_fast.precision
         accepts) autocast for the network.
-    image_channels: MR channels of a volume (default: the model's in_channels - 4, else 4).
-    size_multiple: every spatial size the network accepts is a multiple of it (default from
-        the model: size_multiple attribute, or 2^(len(channel_mult) - 1); else 1).
-    pad_to: a minimum padded shape, e.g. (256, 256, 256) to give the coordinates of the
-        training volumes; coord_shape: the shape the coordinates are normalised by (default
-        the padded shape).
-    memory_budget: bytes to plan with (default: free device memory, or available RAM on the
-        CPU); memory_fraction of it is used. max_batch caps the members per pass;
-        member_bytes overrides the estimate of one member's memory.
-    tiled: run overlapping windows of tile_shape (a multiple of size_multiple) overlapping by
-        tile_overlap voxels (default a quarter of the tile) instead of the whole volume.
+    coord_shape: the shape the coordinates are normalised by (default the padded shape; the
+        training volume's, e.g. (256, 256, 256), to give the coordinates the network learnt).
+    options: PlanOptions: padding, tiling and the memory the ensemble may use.
     progress: a tqdm bar over steps and members.
-    The arguments from image_channels to tile_overlap (but coord_shape) go to the planner
-    (patchddm_fast.diffusion.plan.SamplingPlanner).
     """
 
-    def __init__(self, model, *, steps: int = 20, eta: float = 0.0, scheduler=None, ensemble_size: int = 1,
-                 precision: str = "float32", image_channels: int | None = None, size_multiple: int | None = None,
-                 pad_to=None, coord_shape=None, memory_budget: int | None = None, memory_fraction: float = 0.9,
-                 max_batch: int | None = None, member_bytes: int | None = None, tiled: bool = False,
-                 tile_shape=(128, 128, 128), tile_overlap=None, progress: bool = True):
+    def __init__(self, model, *, scheduler=None, ensemble_size: int = 1, precision: str = "float32",
+                 coord_shape=None, options: PlanOptions | None = None, progress: bool = True):
         self.model = model
-        self.scheduler = scheduler or DDIMScheduler(NoiseSchedule.linear(), eta=eta).set_timesteps(steps)
+        self.scheduler = scheduler or DDIMScheduler(NoiseSchedule.linear(), eta=0.0).set_timesteps(20)
         self.ensemble_size = positive_int("ensemble_size", ensemble_size)
         self.precision = precision_name(precision)
-        self.planner = SamplingPlanner(
-            image_channels=image_channels if image_channels is not None else _model_image_channels(model),
-            size_multiple=size_multiple or _model_size_multiple(model), pad_to=pad_to, tiled=tiled,
-            tile_shape=tile_shape, tile_overlap=tile_overlap, memory_budget=memory_budget,
-            memory_fraction=memory_fraction, max_batch=max_batch, member_bytes=member_bytes)
+        self.planner = SamplingPlanner(options or PlanOptions(), image_channels=_model_image_channels(model),
+                                       size_multiple=_model_size_multiple(model))
         self.coord_shape = triple("coord_shape", coord_shape) if coord_shape is not None else None
         self.progress = progress
         self._forward_bytes_per_voxel: dict = {}

@@ -39,25 +39,52 @@ class SamplingPlan:
         return tuple(slice(b, b + n) for b, n in zip(self.pad_before, self.shape))
 
 
-class SamplingPlanner:
-    """Plans the sampling of volumes (see FullVolumeSampler for the arguments)."""
+@dataclass(frozen=True)
+class PlanOptions:
+    """How volumes may be padded, tiled and batched (FullVolumeSampler's `options`).
 
-    def __init__(self, *, image_channels: int, size_multiple: int, pad_to=None, tiled: bool = False,
-                 tile_shape=(128, 128, 128), tile_overlap=None, memory_budget: int | None = None,
-                 memory_fraction: float = 0.9, max_batch: int | None = None, member_bytes: int | None = None):
-        self.image_channels = image_channels
-        self.size_multiple = positive_int("size_multiple", size_multiple)
-        self.pad_to = triple("pad_to", pad_to) if pad_to is not None else None
-        self.tiled = bool(tiled)
-        self.tile_shape = triple("tile_shape", tile_shape)
+    image_channels: MR channels of a volume (None: the model's in_channels - 4, else 4).
+    size_multiple: every spatial size the network accepts is a multiple of it (None: from the
+        model: its size_multiple, or 2^(len(channel_mult) - 1); else 1).
+    pad_to: a minimum padded shape, e.g. (256, 256, 256) to give the coordinates of the
+        training volumes.
+    tiled: run overlapping windows of tile_shape (a multiple of size_multiple) overlapping by
+        tile_overlap voxels (default a quarter of the tile) instead of the whole volume.
+    memory_budget: bytes to plan with (default: free device memory, or available RAM on the
+        CPU); memory_fraction of it is used. max_batch caps the members per pass;
+        member_bytes overrides the estimate of one member's memory.
+    """
+    image_channels: int | None = None
+    size_multiple: int | None = None
+    pad_to: tuple | int | None = None
+    tiled: bool = False
+    tile_shape: tuple | int = (128, 128, 128)
+    tile_overlap: tuple | int | None = None
+    memory_budget: int | None = None
+    memory_fraction: float = 0.9
+    max_batch: int | None = None
+    member_bytes: int | None = None
+
+
+class SamplingPlanner:
+    """Plans the sampling of volumes with a model (PlanOptions says how)."""
+
+    def __init__(self, options: PlanOptions, *, image_channels: int, size_multiple: int):
+        """image_channels, size_multiple: the model's, used where the options leave them None."""
+        o = options
+        self.image_channels = o.image_channels if o.image_channels is not None else image_channels
+        self.size_multiple = positive_int("size_multiple", o.size_multiple or size_multiple)
+        self.pad_to = triple("pad_to", o.pad_to) if o.pad_to is not None else None
+        self.tiled = bool(o.tiled)
+        self.tile_shape = triple("tile_shape", o.tile_shape)
         if any(n % self.size_multiple for n in self.tile_shape):
             raise ValueError(f"tile_shape {self.tile_shape} must be a multiple of size_multiple {self.size_multiple}")
-        self.tile_overlap = triple("tile_overlap", tile_overlap) if tile_overlap is not None else None
-        if not 0 < memory_fraction <= 1:
-            raise ValueError(f"memory_fraction must lie in (0, 1], got {memory_fraction}")
-        self.memory_budget, self.memory_fraction = memory_budget, memory_fraction
-        self.max_batch = positive_int("max_batch", max_batch) if max_batch is not None else None
-        self.member_bytes = member_bytes
+        self.tile_overlap = triple("tile_overlap", o.tile_overlap) if o.tile_overlap is not None else None
+        if not 0 < o.memory_fraction <= 1:
+            raise ValueError(f"memory_fraction must lie in (0, 1], got {o.memory_fraction}")
+        self.memory_budget, self.memory_fraction = o.memory_budget, o.memory_fraction
+        self.max_batch = positive_int("max_batch", o.max_batch) if o.max_batch is not None else None
+        self.member_bytes = o.member_bytes
 
     @property
     def channels(self) -> int:

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..data import PAPER_VOLUME, CaseError, CaseFiles, DataError, PreparedCase, load_case, prepare_raw
 from ..data.preprocess import as_shape
-from ..diffusion import DDIMScheduler, FullVolumeSampler, SegmentationResult
+from ..diffusion import DDIMScheduler, FullVolumeSampler, PlanOptions, SegmentationResult
 from ..precision import precision_name
 from .model import IMAGE_CHANNELS, LoadedModel
 
@@ -62,10 +62,11 @@ class Segmenter:
         if key not in self._samplers:
             scheduler = DDIMScheduler(self.loaded.schedule, eta=self.settings.eta).set_timesteps(steps)
             tile = self.settings.tile_shape or self.loaded.patch_shape or (128, 128, 128)
+            options = PlanOptions(image_channels=IMAGE_CHANNELS, tiled=self.settings.tiled,
+                                  tile_shape=as_shape(tile, "tile_shape"))
             self._samplers[key] = FullVolumeSampler(
                 self.loaded.model, scheduler=scheduler, ensemble_size=ensemble, precision=self.settings.precision,
-                image_channels=IMAGE_CHANNELS, coord_shape=self.volume_shape, tiled=self.settings.tiled,
-                tile_shape=as_shape(tile, "tile_shape"), progress=self.progress)
+                coord_shape=self.volume_shape, options=options, progress=self.progress)
         return self._samplers[key]
 
     def prepare(self, case: CaseFiles) -> PreparedCase:
