@@ -24,7 +24,8 @@ from patchddm_fast.ops import q_sample
 from patchddm_fast.baseline import FlairThreshold
 from patchddm_fast.diffusion.schedulers import predicted_noise
 from patchddm_fast.train import checkpoints as ckpt
-from patchddm_fast.train.demo import demo_recipe
+from patchddm_fast.demo import RECIPE, train_config
+from patchddm_fast.data import write_phantoms
 from patchddm_fast.train.trainer import train
 from patchddm_fast.train.validation import Validator
 
@@ -82,10 +83,10 @@ def main():
     args = p.parse_args()
 
     out = Path(args.out)
-    recipe = demo_recipe().replace(phantom_seed=args.phantom_seed)
+    recipe = RECIPE.replace(phantom_seed=args.phantom_seed)
     data = Path(args.data) if args.data else out.parent / f"phantoms{args.phantom_seed}"
     if not (data / ".complete").exists():
-        recipe.write_phantoms(data)
+        write_phantoms(data, n=recipe.cases, shape=(recipe.size,) * 3, seed=recipe.phantom_seed)
         (data / ".complete").write_text("")
     scale = (1.0, 0.0)  # x0 = mask in {0, 1}, as the original
     overrides = {k: v for k, v in dict(lr=args.lr, batch_size=args.batch, ema=args.ema, width=args.width,
@@ -93,13 +94,13 @@ def main():
                                         warmup_steps=args.warmup).items() if v is not None}
     overrides["channels_last"] = bool(args.channels_last)
     overrides["prediction_type"] = KINDS[args.variant]
-    config = recipe.train_config(data, out / "model", steps=args.steps, num_workers=0, **overrides)
+    config = train_config(recipe, data, out / "model", steps=args.steps, num_workers=0, **overrides)
     wall, cpu = time.perf_counter(), time.process_time()
     result = train(config, progress=False)
     train_wall, train_cpu = time.perf_counter() - wall, time.process_time() - cpu
 
     model, info = ckpt.load_trained_model(result.checkpoint, channels_last=bool(args.channels_last))
-    schedule = ckpt.make_schedule(info["schedule"])
+    schedule = info.schedule
     cases, _ = find_cases(data)
     parts = split_cases(cases)
     held_out = parts["validation"] + parts["test"]
@@ -109,7 +110,7 @@ def main():
 
     for name, subset in (("held_out", held_out), ("train4", train_four)):
         wall = time.perf_counter()
-        validator = Validator(subset, info["volume_shape"], steps=args.sample_steps, ensemble=args.ensemble,
+        validator = Validator(subset, info.volume_shape, steps=args.sample_steps, ensemble=args.ensemble,
                               schedule=schedule, seed=0, prediction_type=KINDS[args.variant])
         evaluation = validator.evaluate(model)
         report[name] = {k: round(v, 4) for k, v in evaluation.cases.items()}
@@ -121,7 +122,7 @@ def main():
     report["flair_held_out"] = {k: round(v, 4) for k, v in baseline.items()}
     report["flair_held_out_mean"] = round(float(np.mean(list(baseline.values()))), 4)
     from patchddm_fast.data import PatchDataset
-    dataset = PatchDataset(parts["train"], patch_shape=info["patch_shape"], volume_shape=info["volume_shape"],
+    dataset = PatchDataset(parts["train"], patch_shape=info.patch_shape, volume_shape=info.volume_shape,
                            seed=99, cache_bytes=0)
     report["x0_by_t"] = x0_error_by_band(model, args.variant, scale, dataset, schedule)
     (out / "report.json").write_text(json.dumps(report, indent=1))

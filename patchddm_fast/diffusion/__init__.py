@@ -4,16 +4,16 @@ ensemble sampler with uncertainty maps. Every noise update runs through the fuse
 patchddm_fast.ops (ddim_step, ddpm_step, q_sample), writing into preallocated buffers.
 """
 
-from .full_volume import FullVolumeSampler, SamplingPlan, SegmentationResult, VolumeTooLargeError, member_seeds
+from .full_volume import FullVolumeSampler, SegmentationResult, member_seeds
 from .loss import LossOutput, diffusion_loss, model_input_buffer, sample_timesteps
-from .sampling import ddim_sample, ddpm_sample, original_ddim_sample, sample_loop
+from .plan import PlanOptions, SamplingPlan, VolumeTooLargeError
+from .sampling import ddim_sample, ddpm_sample, denoise, original_ddim_sample, sample_loop
 from .schedule import NoiseSchedule
 from .schedulers import PREDICTION_TYPES, DDIMScheduler, DDPMScheduler, StepOutput, inference_timesteps
 
 __all__ = [
-    "DDIMScheduler", "DDPMScheduler", "FullVolumeSampler", "LossOutput", "NoiseSchedule", "PREDICTION_TYPES",
-    "SamplingPlan",
-    "SegmentationResult", "StepOutput", "VolumeTooLargeError", "ddim_sample", "ddpm_sample", "diffusion_loss",
-    "inference_timesteps", "member_seeds", "model_input_buffer", "original_ddim_sample", "sample_loop",
-    "sample_timesteps",
+    "DDIMScheduler", "DDPMScheduler", "FullVolumeSampler", "LossOutput", "NoiseSchedule", "PREDICTION_TYPES", "PlanOptions", "SamplingPlan",
+    "SegmentationResult", "StepOutput", "VolumeTooLargeError", "ddim_sample", "ddpm_sample", "denoise",
+    "diffusion_loss", "inference_timesteps", "member_seeds", "model_input_buffer", "original_ddim_sample",
+    "sample_loop", "sample_timesteps",
 ]

@@ -15,8 +15,8 @@ from pathlib import Path
 from ..diffusion.schedulers import PREDICTION_TYPES
 from ..nn import PRESETS, UNetConfig
 from ..nn.unet import CHECKPOINT_MODES
+from ..precision import SHORT_NAMES, parse_precision, precision_argument
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine")
 
 # Per preset: the patch edge, learning rate and memory option used when not given.
@@ -26,9 +26,6 @@ PRESET_DEFAULTS = {
     "paper": dict(patch=128, lr=1e-5, checkpoint="cheap"),
     "small": dict(patch=32, lr=1e-3, checkpoint="off"),
 }
-
-# Sampler settings as FullVolumeSampler names them.
-SAMPLER_PRECISION = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 @dataclass
@@ -221,8 +218,10 @@ def _problems(c: TrainConfig):
         yield f"lr_min_ratio must lie in [0, 1], got {c.lr_min_ratio!r}"
     if not (_is_number(c.weight_decay) and c.weight_decay >= 0):
         yield f"weight_decay must be a non-negative number, got {c.weight_decay!r}"
-    if c.precision not in PRECISIONS:
-        yield f"precision must be one of {PRECISIONS}, got {c.precision!r}"
+    try:
+        parse_precision(c.precision)
+    except ValueError as exc:
+        yield str(exc)
     if c.checkpoint is not None and c.checkpoint not in CHECKPOINT_MODES:
         yield f"checkpoint (activation checkpointing) must be one of {CHECKPOINT_MODES}, got {c.checkpoint!r}"
     if c.ema is not None and not (_is_number(c.ema) and 0 < c.ema < 1):
@@ -295,7 +294,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                        help="linear learning-rate warmup over this many steps (default: %(default)s)")
     optim.add_argument("--weight-decay", type=float, default=d["weight_decay"].default,
                        help="AdamW weight decay (default: %(default)s)")
-    optim.add_argument("--precision", choices=PRECISIONS, default=d["precision"].default,
+    optim.add_argument("--precision", type=precision_argument, metavar="{" + ",".join(SHORT_NAMES) + "}",
+                       default=d["precision"].default,
                        help="fp32, bf16 autocast, or fp16 autocast with loss scaling (default: %(default)s)")
     optim.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=d["prediction_type"].default,
                        help="what the network predicts: sample (x0, default), epsilon (the noise, as the "
