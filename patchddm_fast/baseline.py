@@ -38,9 +38,9 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 def _flair_and_truth(case: CaseFiles) -> tuple[np.ndarray, np.ndarray]:
-    raw = load_case(case)
-    if raw.label is None:
+    if not case.has_label:
         raise ValueError(f"{case.case_id}: the FLAIR baseline needs the case's segmentation")
+    raw = load_case(case)
     return normalise_sequence(raw.images[_FLAIR]), raw.label > 0
 
 
@@ -79,4 +79,33 @@ class FlairThreshold:
         return result
 
 
-__all__ = ["FlairThreshold", "largest_component"]
+__all__ = ["FlairThreshold", "baseline_for", "format_comparison", "largest_component"]
+
+
+def baseline_for(data_dir, case_ids: Sequence[str]) -> tuple[FlairThreshold, dict[str, float]]:
+    """The FLAIR threshold fitted on the training part of data_dir's split (never on the
+    cases scored), and its Dice on the cases named by case_ids. Raises ValueError when the
+    folder holds no training case with images and a segmentation."""
+    from .data import find_cases, subset_cases
+
+    cases, _ = find_cases(data_dir, with_label=True)
+    wanted = set(case_ids)
+    training = [c for c in subset_cases(cases, "train") if c.case_id not in wanted]
+    if not training:
+        raise ValueError(f"{data_dir}: no training case (images and segmentation) to fit the FLAIR baseline on")
+    rule = FlairThreshold.fit(training)
+    return rule, rule.score([c for c in cases if c.case_id in wanted])
+
+
+def format_comparison(model: dict[str, float], baseline: dict[str, float], threshold: float) -> str:
+    """Per case, the model's Dice beside the FLAIR threshold's, and both means."""
+    ids = [c for c in model if c in baseline]
+    width = max([len("mean")] + [len(c) for c in ids])
+    lines = [f"{'case':<{width}}  {'model':>6}  {'FLAIR>' + format(threshold, '.2f'):>10}",
+             "-" * (width + 20)]
+    lines += [f"{c:<{width}}  {model[c]:6.4f}  {baseline[c]:10.4f}" for c in ids]
+    if ids:
+        lines += ["-" * (width + 20),
+                  f"{'mean':<{width}}  {np.mean([model[c] for c in ids]):6.4f}  "
+                  f"{np.mean([baseline[c] for c in ids]):10.4f}"]
+    return "\n".join(lines)

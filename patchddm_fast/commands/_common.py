@@ -64,6 +64,16 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, steps_help: str, en
     group.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0: the paper's deterministic DDIM)")
 
 
+def add_subset_option(parser: argparse.ArgumentParser) -> None:
+    """--subset of `patchddm sample` and `patchddm sweep`: one part of the folder's split."""
+    from ..data.split import SUBSETS
+
+    parser.add_argument("--subset", default="all", choices=SUBSETS,
+                        help="only this part of the folder's split, as `patchddm train` splits it (BraTS2020: "
+                             "the paper's split; else 80/10/10 by case number; held-out: validation and test, "
+                             "never trained on; default: all)")
+
+
 def sampling_settings(args, **overrides):
     """The SamplingSettings of the parsed sampling options."""
     from ..inference import SamplingSettings

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._common import EXIT_CASES_FAILED, EXIT_OK
+from ._common import EXIT_CASES_FAILED, EXIT_OK, InputError
 
 NAME = "evaluate"
 SUMMARY = "Dice and HD95 of predicted masks against the ground truth"
@@ -20,6 +20,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("gt_dir", metavar="GT_DIR", help="folder of ground-truth segmentations")
     parser.add_argument("--csv", default=None, metavar="PATH",
                         help="where to write the CSV (default: PRED_DIR/evaluation.csv)")
+    parser.add_argument("--baseline", action="store_true",
+                        help="also score one threshold on the normalised FLAIR, fitted on the training part of "
+                             "GT_DIR's split (GT_DIR must hold the cases' images), beside the model: a model "
+                             "below it is too weak, a data set where it scores high is easy")
 
 
 def run(args) -> int:
@@ -36,4 +40,15 @@ def run(args) -> int:
               f"{', '.join(evaluation.predictions_without_truth[:10])}")
     path = write_csv(evaluation, args.csv or Path(args.pred_dir) / "evaluation.csv")
     print(f"CSV: {path}")
+    if args.baseline:
+        from ..baseline import baseline_for, format_comparison
+
+        model = {s.case_id: s.dice for s in evaluation.scored}
+        try:
+            rule, baseline = baseline_for(args.gt_dir, list(model))
+        except ValueError as error:
+            raise InputError(f"--baseline: {error}") from None
+        print(f"FLAIR baseline: one threshold ({rule.threshold:.2f}) on the normalised FLAIR, largest component, "
+              "fitted on the training part of the split")
+        print(format_comparison(model, baseline, rule.threshold))
     return EXIT_CASES_FAILED if evaluation.failed else EXIT_OK

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import EXIT_CASES_FAILED, EXIT_OK, add_sampling_options, sampling_settings
+from ._common import EXIT_CASES_FAILED, EXIT_OK, add_sampling_options, add_subset_option, sampling_settings
 
 NAME = "sample"
 SUMMARY = "segment cases with a trained model"
@@ -27,13 +27,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--skip-existing", action="store_true",
                         help="skip cases whose outputs are all in OUTPUT already (to resume an interrupted run)")
     parser.add_argument("--no-montage", action="store_true", help="do not draw the PNG montages")
+    add_subset_option(parser)
 
 
 def run(args) -> int:
     from ..inference import sample_folder
 
     report = sample_folder(args.checkpoint, args.input, args.output, sampling_settings(args), device=args.device,
-                           skip_existing=args.skip_existing, montage=not args.no_montage, progress=not args.quiet)
+                           skip_existing=args.skip_existing, montage=not args.no_montage, progress=not args.quiet,
+                           subset=args.subset)
     done, failed = len(report.succeeded), report.failed
     skipped = len(report.outcomes) - done - len(failed)
     print(f"{done} case(s) written to {report.output_dir}"

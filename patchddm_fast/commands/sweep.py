@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ._common import EXIT_CASES_FAILED, EXIT_OK, InputError, add_sampling_options, positive_int, sampling_settings
+from ._common import (EXIT_CASES_FAILED, EXIT_OK, InputError, add_sampling_options, add_subset_option, positive_int,
+                      sampling_settings)
 
 NAME = "sweep"
 SUMMARY = "Dice/HD95 against sampling steps and ensemble size (the paper's Figure 5)"
@@ -22,22 +23,19 @@ def add_arguments(parser) -> None:
     parser.add_argument("data_dir", metavar="DATA_DIR", help="a folder of cases with segmentations")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="folder for the CSVs and the plot")
     add_sampling_options(parser, steps_help="step counts to try", ensemble_help="ensemble sizes to score", many=True)
-    parser.add_argument("--subset", default="all", choices=["all", "train", "validation", "test"],
-                        help="which part of the data split to use (BraTS2020: the paper's split; else 80/10/10 by "
-                             "case number)")
+    add_subset_option(parser)
     parser.add_argument("--max-cases", type=positive_int, default=None, help="use at most this many cases")
 
 
 def run(args) -> int:
-    from ..data import find_cases, split_cases
+    from ..data import find_cases, subset_cases
     from ..device import resolve_device
     from ..inference import Segmenter, load_model
     from ..sweep import format_sweep, run_sweep, summarise_sweep, write_sweep
 
     cases, report = find_cases(args.data_dir, with_label=True)
     failed = {p.case_id: p.message for p in report.errors}
-    if args.subset != "all":
-        cases = split_cases(cases)[args.subset]
+    cases = subset_cases(cases, args.subset)
     cases = cases[:args.max_cases] if args.max_cases else cases
     if not cases:
         raise InputError(f"{args.data_dir}: no usable case with a segmentation in subset {args.subset!r}")

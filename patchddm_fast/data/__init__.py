@@ -23,11 +23,11 @@ from .nifti import RawCase, load_case, write_nifti
 from .phantoms import generate_phantom, write_phantoms
 from .preprocess import PAPER_VOLUME, CaseMeta, PreparedCase, prepare_case, prepare_raw
 from .regions import brats_regions, whole_tumour
-from .split import split_cases
+from .split import SUBSETS, split_cases, subset_cases
 
 __all__ = [
-    "PAPER_PATCH", "PAPER_VOLUME", "CaseError", "CaseFiles", "CaseMeta", "DataError", "DatasetReport",
+    "PAPER_PATCH", "PAPER_VOLUME", "SUBSETS", "CaseError", "CaseFiles", "CaseMeta", "DataError", "DatasetReport",
     "PatchDataset", "PreparedCase", "RawCase", "brats_regions", "find_cases", "generate_phantom", "load_case",
-    "make_patch_loader", "prepare_case", "prepare_raw", "split_cases", "whole_tumour", "write_nifti",
+    "make_patch_loader", "prepare_case", "prepare_raw", "split_cases", "subset_cases", "whole_tumour", "write_nifti",
     "write_phantoms",
 ]

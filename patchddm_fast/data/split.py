@@ -107,3 +107,19 @@ def split_cases(cases: Sequence[CaseFiles], split: Split | str = "auto") -> dict
             raise DataError(f"{numbers[number].case_id}: case number {number} is in none of the split's parts")
         out[part].append(numbers[number])
     return out
+
+
+# The parts a command can pick: the split's three, the two held out from training together,
+# or every case.
+SUBSETS = ("all", "train", "validation", "test", "held-out")
+
+
+def subset_cases(cases: Sequence[CaseFiles], subset: str) -> list[CaseFiles]:
+    """The cases of one part of the split (split_cases); "held-out" is validation + test, the
+    cases training never sees; "all" keeps every case."""
+    if subset not in SUBSETS:
+        raise ValueError(f"subset must be one of {SUBSETS}, got {subset!r}")
+    if subset == "all":
+        return list(cases)
+    parts = split_cases(cases)
+    return parts["validation"] + parts["test"] if subset == "held-out" else parts[subset]

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data import CaseError, DataError, find_cases
+from ..data import CaseError, DataError, find_cases, subset_cases
 from ..device import resolve_device
 from .model import load_model
 from .outputs import OUTPUT_KINDS, output_path, write_case_outputs
@@ -47,10 +47,11 @@ def _print(message: str) -> None:
 
 def sample_folder(checkpoint: str | os.PathLike, input_path: str | os.PathLike, output_dir: str | os.PathLike,
                   settings: SamplingSettings, *, device: str = "auto", skip_existing: bool = False,
-                  montage: bool = True, progress: bool = True,
+                  montage: bool = True, progress: bool = True, subset: str = "all",
                   log: Callable[[str], None] = _print) -> SampleReport:
     """Samples every case of `input_path` (one case folder, or a folder of cases) into
-    output_dir. Problems with single cases are reported in the returned SampleReport; problems
+    output_dir; subset: only one part of the folder's split (patchddm_fast.data.SUBSETS, e.g.
+    "held-out", the cases a model trained on the folder never saw). Problems with single cases are reported in the returned SampleReport; problems
     with the whole run (no cases, unreadable checkpoint) raise DataError or
     CheckpointMismatchError before anything is written."""
     output_dir = Path(output_dir).expanduser()
@@ -60,6 +61,10 @@ def sample_folder(checkpoint: str | os.PathLike, input_path: str | os.PathLike, 
     # An OUTPUT inside INPUT holds our own results, not a case.
     outputs = output_dir.resolve()
     cases = [c for c in cases if not c.folder.resolve().is_relative_to(outputs)]
+    if subset != "all":
+        cases = subset_cases(cases, subset)
+        if not cases:
+            raise DataError(f"{input_path}: its split has no {subset} case")
     problems = [p for p in report.errors if not (p.case_id == output_dir.name and outputs.is_relative_to(
         Path(input_path).expanduser().resolve()))]
     if not cases and not problems:

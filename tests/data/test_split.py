@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from patchddm_fast.data import CaseFiles, DataError, split_cases
+from patchddm_fast.data import CaseFiles, DataError, split_cases, subset_cases
 from patchddm_fast.data.split import default_sizes, make_split, paper_split
 
 
@@ -54,3 +54,16 @@ def test_split_cases():
         split_cases([CaseFiles("patient", None, None, {})])
     with pytest.raises(ValueError, match="sizes"):
         make_split(range(5), (3, 1, 2))
+
+
+def test_subset_cases_picks_one_part_or_the_held_out_pair():
+    cases = _cases(range(1, 21))
+    parts = split_cases(cases)
+    assert subset_cases(cases, "all") == cases
+    for name in ("train", "validation", "test"):
+        assert subset_cases(cases, name) == parts[name]
+    held_out = subset_cases(cases, "held-out")
+    assert held_out == parts["validation"] + parts["test"] and len(held_out) == 4
+    assert not {c.case_id for c in held_out} & {c.case_id for c in parts["train"]}
+    with pytest.raises(ValueError, match="subset must be one of"):
+        subset_cases(cases, "heldout")
