@@ -22,8 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import check_like, opmath_dtype
-from ..group_norm_silu import _check, fake_backward, fake_forward, register_autograd
+from .._checks import opmath_dtype
+from .._schemas import triton_op
+from ..group_norm_silu import check_arguments, check_backward_arguments, fake_backward, fake_forward, register_autograd
 from ._common import to_acc
 
 MAX_BLOCK = 1024     # elements per vector step of a program
@@ -295,19 +296,10 @@ def _params(t, dtype):
     return t.to(dtype).contiguous() if t is not None else None
 
 
-def _require_contiguous(name, **tensors):
-    for key, t in tensors.items():
-        if t is not None and not t.is_contiguous():
-            raise ValueError(f"{name}: {key} must be contiguous (call .contiguous() first); got strides {t.stride()}")
-
-
-@torch.library.custom_op("patchddm_triton::group_norm_silu_forward", mutates_args=())
-def group_norm_silu_forward(x: torch.Tensor, skip: torch.Tensor | None, add: torch.Tensor | None,
-                            weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int,
-                            eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    name = "patchddm_triton::group_norm_silu_forward"
-    _check(x, weight, bias, groups, eps, add, skip)
-    _require_contiguous(name, x=x, skip=skip)
+@triton_op("group_norm_silu_forward")
+def group_norm_silu_forward(x, skip, add, weight, bias, groups, eps):
+    check_arguments("patchddm_triton::group_norm_silu_forward", x, skip, add, weight, bias, groups, eps,
+                    kernel_layout=True)
     acc = opmath_dtype(x.dtype)
     y, average, mean, rstd = fake_forward(x, skip, add, weight, bias, groups, eps)
     if x.numel() == 0:
@@ -335,23 +327,12 @@ def group_norm_silu_forward(x: torch.Tensor, skip: torch.Tensor | None, add: tor
     return y, average, mean, rstd
 
 
-@torch.library.custom_op("patchddm_triton::group_norm_silu_backward", mutates_args=())
-def group_norm_silu_backward(grad_out: torch.Tensor, grad_average: torch.Tensor | None, input: torch.Tensor,
-                             add: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                             mean: torch.Tensor, rstd: torch.Tensor, groups: int,
-                             input_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    name = "patchddm_triton::group_norm_silu_backward"
-    _check(input, weight, bias, groups, 1.0, add, None)
-    check_like(name, "grad_out", grad_out, input, "input")
-    if grad_average is not None:
-        check_like(name, "grad_average", grad_average, input, "input")
-    _require_contiguous(name, grad_out=grad_out, grad_average=grad_average, input=input, mean=mean, rstd=rstd)
+@triton_op("group_norm_silu_backward")
+def group_norm_silu_backward(grad_out, grad_average, input, add, weight, bias, mean, rstd, groups, input_scale):
+    check_backward_arguments("patchddm_triton::group_norm_silu_backward", grad_out, grad_average, input, add,
+                             weight, bias, mean, rstd, groups)
     acc = opmath_dtype(input.dtype)
     B, C = input.shape[:2]
-    for key, t in (("mean", mean), ("rstd", rstd)):
-        if t.shape != (B, groups) or t.dtype != acc or t.device != input.device:
-            raise ValueError(f"{name}: {key} must be a ({B}, {groups}) {acc} tensor on {input.device}, "
-                             f"got {tuple(t.shape)} {t.dtype} on {t.device}")
     grad_input, grad_add, grad_weight, grad_bias = fake_backward(
         grad_out, grad_average, input, add, weight, bias, mean, rstd, groups, input_scale)
     if input.numel() == 0:

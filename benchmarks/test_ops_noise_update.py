@@ -29,9 +29,9 @@ its bandwidth and its speedups over the baselines (`eager`, `eager-lean`, `compi
 `compile-lean`) that ran earlier in the session (from the fastest rounds, which other jobs on a shared machine
 disturb least). Threads: OMP_NUM_THREADS (torch's default).
 
-    pytest benchmarks/test_ops_noise.py --benchmark-only
-    OMP_NUM_THREADS=1 pytest benchmarks/test_ops_noise.py --benchmark-only
-    pytest benchmarks/test_ops_noise.py --benchmark-only --paper-scale
+    pytest benchmarks/test_ops_noise_update.py --benchmark-only
+    OMP_NUM_THREADS=1 pytest benchmarks/test_ops_noise_update.py --benchmark-only
+    pytest benchmarks/test_ops_noise_update.py --benchmark-only --paper-scale
 """
 
 from __future__ import annotations
@@ -283,7 +283,7 @@ def test_noise_update(benchmark, bench_device, paper_scale, op, case, impl):
             run()
             sync()
     else:
-        peak = cpu_peak_bytes("benchmarks.test_ops_noise:setup_run", op=op, case=case, impl=impl, paper=paper_scale)
+        peak = cpu_peak_bytes("benchmarks.test_ops_noise_update:setup_run", op=op, case=case, impl=impl, paper=paper_scale)
         timed = run
     benchmark.group = f"noise {op} {case} {'paper' if paper_scale else 'small'} {device} {torch.get_num_threads()}t"
     benchmark.pedantic(timed, rounds=10 if paper_scale else 50, warmup_rounds=2)

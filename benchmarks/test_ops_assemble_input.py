@@ -20,8 +20,8 @@ the bytes it moves, its bandwidth, its speedups over `eager` and `compile` and, 
 the fraction of `copy` bandwidth it reaches (from the fastest rounds, which other jobs on a
 shared machine disturb least), when those ran earlier in the session.
 
-    pytest benchmarks/test_ops_coords.py --benchmark-only
-    pytest benchmarks/test_ops_coords.py --benchmark-only --paper-scale
+    pytest benchmarks/test_ops_assemble_input.py --benchmark-only
+    pytest benchmarks/test_ops_assemble_input.py --benchmark-only --paper-scale
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def test_assemble_input(benchmark, bench_device, paper_scale, case, impl):
             run()
             sync()
     else:
-        peak = cpu_peak_bytes("benchmarks.test_ops_coords:setup_run", case=case, impl=impl, paper=paper_scale)
+        peak = cpu_peak_bytes("benchmarks.test_ops_assemble_input:setup_run", case=case, impl=impl, paper=paper_scale)
         timed = run
     benchmark.group = f"assemble_input {case} {'paper' if paper_scale else 'small'} {device}"
     benchmark.pedantic(timed, rounds=10 if paper_scale else 20, warmup_rounds=2)
