@@ -4,9 +4,11 @@
 
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <tuple>
 
 #include "checks.h"
 
@@ -95,6 +97,19 @@ inline void check_noise_outputs(const char* op, const at::Tensor& x,
     check_one("x0_out", *x0_out);
     at::assert_no_overlap(out, *x0_out);
   }
+}
+
+// noise_update through a device's noise_update_out (OutFn): out, and x0 when want_x0 (else
+// an empty tensor), allocated like x, contiguous.
+template <auto OutFn>
+std::tuple<at::Tensor, at::Tensor> noise_update_via_out(const at::Tensor& x, const std::optional<at::Tensor>& eps,
+                                                        const at::Tensor& coef, bool clip, bool add_noise,
+                                                        int64_t seed, int64_t offset, bool want_x0) {
+  check_float("patchddm::noise_update", "x", x);
+  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor x0 = want_x0 ? at::empty_like(x, at::MemoryFormat::Contiguous) : x.new_empty({0});
+  OutFn(x, eps, coef, clip, add_noise, seed, offset, out, want_x0 ? std::optional<at::Tensor>(x0) : std::nullopt);
+  return {out, x0};
 }
 
 }  // namespace patchddm

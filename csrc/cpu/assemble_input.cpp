@@ -158,21 +158,10 @@ void assemble_input_out_cpu(const at::Tensor& volume, const at::Tensor& offsets,
   });
 }
 
-at::Tensor assemble_input_cpu(const at::Tensor& volume, const at::Tensor& offsets,
-                              const std::optional<at::Tensor>& x_t, at::IntArrayRef patch_shape,
-                              at::IntArrayRef coord_shape) {
-  constexpr const char* op = "patchddm::assemble_input";
-  const AssembleArgs a = check_assemble_input(op, volume, offsets, x_t, patch_shape, coord_shape);
-  at::Tensor out = at::empty({a.batch, a.written_channels(), a.patch[0], a.patch[1], a.patch[2]},
-                             volume.options().memory_format(at::MemoryFormat::Contiguous));
-  assemble_input_out_cpu(volume, offsets, x_t, patch_shape, coord_shape, out);
-  return out;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(patchddm, CPU, m) {
-  m.impl("assemble_input", &assemble_input_cpu);
+  m.impl("assemble_input", &assemble_input_via_out<assemble_input_out_cpu>);
   m.impl("assemble_input_out", &assemble_input_out_cpu);
 }
 

@@ -1,5 +1,5 @@
 // GroupNorm + SiLU on the CPU, with the averaging skip and the per-(batch, channel) bias fused
-// in (DESIGN.md, "The fast ops"; the formulas are in csrc/ops.cpp and the Python op).
+// in (the formulas are in patchddm_fast/ops/schemas.def and the Python op's reference).
 //
 // Layout: x is (B, C, S) contiguous, so channel (b, c) is one run of S elements and a group
 // is Cg = C / G consecutive channels. Every pass splits each channel into chunks of at most
@@ -15,10 +15,8 @@
 // and dz * xhat per chunk (float and double keep dz in grad_input's buffer); pass 2 writes
 // grad_input from those group sums.
 //
-// The element loops are plain loops that GCC vectorises; on x86-64 Linux each is compiled for
-// AVX-512, AVX2 and baseline SSE2 (target_clones) and the loader picks the best the CPU has.
-// (at::vec::Vectorized would not do here: ATen chooses its instruction set per translation
-// unit through CPU_CAPABILITY flags, without which it is a plain array of scalars.)
+// The element loops are plain loops that GCC vectorises, each compiled for AVX-512, AVX2 and
+// baseline x86-64 and picked at load time (vec.h).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -37,17 +35,7 @@
 #include <vector>
 
 #include "../group_norm_silu_args.h"
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define PATCHDDM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define PATCHDDM_CLONES
-#endif
-#if defined(__GNUC__)
-#define PATCHDDM_INLINE inline __attribute__((always_inline))
-#else
-#define PATCHDDM_INLINE inline
-#endif
+#include "vec.h"
 
 namespace patchddm {
 namespace {
@@ -56,31 +44,7 @@ constexpr int64_t kChunk = 32768;  // elements of one channel per parallel unit
 constexpr int64_t kTile = 1024;    // elements summed in the arithmetic type before a double add
 constexpr int64_t kGrain = 32768;  // elements per task at least: amortises the fork
 
-// -- storage <-> arithmetic conversion, as bit operations that vectorise --------------------
-
-template <typename T>
-struct Elem {  // float and double: stored as computed
-  using storage = T;
-  using acc = T;
-  static PATCHDDM_INLINE acc load(storage v) { return v; }
-  static PATCHDDM_INLINE storage store(acc v) { return v; }
-};
-
-template <>
-struct Elem<c10::Half> {
-  using storage = uint16_t;
-  using acc = float;
-  static PATCHDDM_INLINE acc load(storage v) { return c10::detail::fp16_ieee_to_fp32_value(v); }
-  static PATCHDDM_INLINE storage store(acc v) { return c10::detail::fp16_ieee_from_fp32_value(v); }
-};
-
-template <>
-struct Elem<c10::BFloat16> {
-  using storage = uint16_t;
-  using acc = float;
-  static PATCHDDM_INLINE acc load(storage v) { return c10::detail::f32_from_bits(v); }
-  static PATCHDDM_INLINE storage store(acc v) { return c10::detail::round_to_nearest_even(v); }
-};
+using cpu::Elem;  // storage <-> arithmetic conversion of each dtype
 
 // -- sigmoid ----------------------------------------------------------------------------------
 
@@ -117,7 +81,7 @@ PATCHDDM_INLINE double silu(double z) { return z / (1.0 + std::exp(-z)); }
 // Sums of (a - shift) and its square over a span; a = x, or the average (x + skip) / 2 rounded
 // to T, which is also written to avg.
 template <typename T>
-PATCHDDM_CLONES void stats_span(const typename Elem<T>::storage* __restrict x,
+PATCHDDM_SIMD_CLONES void stats_span(const typename Elem<T>::storage* __restrict x,
                                 const typename Elem<T>::storage* __restrict skip,
                                 typename Elem<T>::storage* __restrict avg, int64_t n,
                                 typename Elem<T>::acc shift, double* __restrict sums) {
@@ -153,7 +117,7 @@ PATCHDDM_CLONES void stats_span(const typename Elem<T>::storage* __restrict x,
 
 // y = silu(a * scale + shift): the whole normalisation and affine folded into two constants.
 template <typename T>
-PATCHDDM_CLONES void apply_span(const typename Elem<T>::storage* __restrict a,
+PATCHDDM_SIMD_CLONES void apply_span(const typename Elem<T>::storage* __restrict a,
                                 typename Elem<T>::storage* __restrict y, int64_t n,
                                 typename Elem<T>::acc scale, typename Elem<T>::acc shift) {
   using E = Elem<T>;
@@ -181,7 +145,7 @@ constexpr bool kKeepsDz = std::is_same_v<typename Elem<T>::storage, typename Ele
 // Sums over a span of dz, dz * xhat and xhat (the last only matters for grad_add); with KEEP,
 // dz is also written to dz_out.
 template <typename T, bool KEEP>
-PATCHDDM_CLONES void grad_stats_span(const typename Elem<T>::storage* __restrict dy,
+PATCHDDM_SIMD_CLONES void grad_stats_span(const typename Elem<T>::storage* __restrict dy,
                                      const typename Elem<T>::storage* __restrict a,
                                      typename Elem<T>::acc* __restrict dz_out, int64_t n,
                                      typename Elem<T>::acc rstd, typename Elem<T>::acc q,
@@ -213,7 +177,7 @@ PATCHDDM_CLONES void grad_stats_span(const typename Elem<T>::storage* __restrict
 
 // grad = scale_in * (c1 * dz + c2 * xhat + c3 + grad_average), in place over the kept dz.
 template <typename T>
-PATCHDDM_CLONES void grad_apply_kept_span(const typename Elem<T>::storage* __restrict a,
+PATCHDDM_SIMD_CLONES void grad_apply_kept_span(const typename Elem<T>::storage* __restrict a,
                                           const typename Elem<T>::storage* __restrict grad_avg,
                                           typename Elem<T>::acc* __restrict grad, int64_t n,
                                           typename Elem<T>::acc rstd, typename Elem<T>::acc q,
@@ -233,7 +197,7 @@ PATCHDDM_CLONES void grad_apply_kept_span(const typename Elem<T>::storage* __res
 
 // grad_input = scale_in * (c1 * dz + c2 * xhat + c3 + grad_average).
 template <typename T>
-PATCHDDM_CLONES void grad_apply_span(const typename Elem<T>::storage* __restrict dy,
+PATCHDDM_SIMD_CLONES void grad_apply_span(const typename Elem<T>::storage* __restrict dy,
                                      const typename Elem<T>::storage* __restrict a,
                                      const typename Elem<T>::storage* __restrict grad_avg,
                                      typename Elem<T>::storage* __restrict grad_in, int64_t n,
@@ -381,23 +345,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_forwa
     const at::Tensor& x, const std::optional<at::Tensor>& skip, const std::optional<at::Tensor>& add,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, int64_t groups,
     double eps) {
-  constexpr const char* op = "patchddm::group_norm_silu_forward";
-  const GroupNormDims d = check_group_norm_input(op, "x", x, groups);
-  TORCH_CHECK(eps > 0, op, ": eps must be positive, got ", eps);
-  if (skip.has_value()) check_group_norm_like(op, "skip", *skip, x);
-  check_group_norm_params(op, d, x, add, weight, bias);
-
-  const auto acc = group_norm_acc_type(x);
-  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
-  at::Tensor average = skip.has_value() ? at::empty_like(x, at::MemoryFormat::Contiguous)
-                                        : at::empty({0}, x.options());
-  at::Tensor mean = at::empty({d.batch, d.groups}, x.options().dtype(acc));
-  at::Tensor rstd = at::empty({d.batch, d.groups}, x.options().dtype(acc));
-  if (x.numel() == 0) {  // empty groups: statistics of nothing, as the other backends
-    mean.zero_();
-    rstd.fill_(1.0 / std::sqrt(eps));
-    return {y, average, mean, rstd};
-  }
+  const GroupNormDims d =
+      check_group_norm_silu_forward("patchddm::group_norm_silu_forward", x, skip, add, weight, bias, groups, eps);
+  at::Tensor y, average, mean, rstd;
+  std::tie(y, average, mean, rstd) = group_norm_silu_forward_outputs(x, skip.has_value(), d, eps);
+  if (x.numel() == 0) return {y, average, mean, rstd};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_silu_forward_cpu", [&] {
     forward_impl<scalar_t>(x, skip, add, weight, bias, d, eps, y, average, mean, rstd);
   });
@@ -511,13 +463,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backw
     const std::optional<at::Tensor>& add, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& rstd,
     int64_t groups, double input_scale) {
-  constexpr const char* op = "patchddm::group_norm_silu_backward";
-  const GroupNormDims d = check_group_norm_input(op, "input", input, groups);
-  check_group_norm_like(op, "grad_out", grad_out, input);
-  if (grad_average.has_value()) check_group_norm_like(op, "grad_average", *grad_average, input);
-  check_group_norm_params(op, d, input, add, weight, bias);
-  check_group_norm_stats(op, "mean", mean, input, d);
-  check_group_norm_stats(op, "rstd", rstd, input, d);
+  const GroupNormDims d = check_group_norm_silu_backward("patchddm::group_norm_silu_backward", grad_out, grad_average,
+                                                         input, add, weight, bias, mean, rstd, groups);
 
   const auto acc = group_norm_acc_type(input);
   const auto acc_options = input.options().dtype(acc);

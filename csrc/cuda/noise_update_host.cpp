@@ -63,20 +63,6 @@ void noise_update_out_cuda(const at::Tensor& x, const std::optional<at::Tensor>&
   cuda::noise_update(p, cuda::to_dtype(x.scalar_type()), cuda::current_stream());
 }
 
-std::tuple<at::Tensor, at::Tensor> noise_update_cuda(const at::Tensor& x,
-                                                     const std::optional<at::Tensor>& eps,
-                                                     const at::Tensor& coef, bool clip,
-                                                     bool add_noise, int64_t seed, int64_t offset,
-                                                     bool want_x0) {
-  check_float("patchddm::noise_update", "x", x);
-  c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
-  at::Tensor x0 = want_x0 ? at::empty_like(x, at::MemoryFormat::Contiguous) : x.new_empty({0});
-  noise_update_out_cuda(x, eps, coef, clip, add_noise, seed, offset, out,
-                        want_x0 ? std::optional<at::Tensor>(x0) : std::nullopt);
-  return {out, x0};
-}
-
 at::Tensor philox_normal_cuda(const at::Tensor& like, int64_t seed, int64_t offset) {
   constexpr const char* op = "patchddm::philox_normal";
   check_float(op, "like", like);
@@ -92,7 +78,7 @@ at::Tensor philox_normal_cuda(const at::Tensor& like, int64_t seed, int64_t offs
 }  // namespace
 
 TORCH_LIBRARY_IMPL(patchddm, CUDA, m) {
-  m.impl("noise_update", &noise_update_cuda);
+  m.impl("noise_update", &noise_update_via_out<noise_update_out_cuda>);
   m.impl("noise_update_out", &noise_update_out_cuda);
   m.impl("philox_normal", &philox_normal_cuda);
 }
