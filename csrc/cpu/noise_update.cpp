@@ -5,8 +5,9 @@
 // noise is drawn first into a small buffer that stays in L1 (Philox in groups of four, one
 // vectorised loop), then one vectorised loop reads x and eps, and writes out and x0.
 //
-// The loops that do the arithmetic are compiled for AVX-512, AVX2 and baseline x86-64 and
-// picked at load time, and half and bfloat16 are converted in them as vec.h says.
+// The loops that do the arithmetic (noise_update_loops.h) are compiled for AVX-512, AVX2 and
+// baseline x86-64, each call running the copy that cpu_isa() chose, and half and bfloat16 are
+// converted in them as vec.h says.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -28,66 +29,14 @@ constexpr int64_t kBlock = 1024;           // elements per block: the noise buff
 constexpr int64_t kGroups = kBlock / 4 + 1;  // Philox groups a block can touch
 constexpr int64_t kGrain = 16384;          // elements per task: amortises the fork
 
-// Noise elements g .. g + n - 1 (n <= kBlock) of `seed`, written to buffer; returns where
-// element g is (the buffer starts at the Philox group holding g). buffer: 4 * kGroups floats.
-PATCHDDM_SIMD_CLONES
-const float* normals(uint64_t seed, uint64_t g, int64_t n, float* buffer) {
-  const uint64_t first = g >> 2;
-  const int64_t groups = static_cast<int64_t>(((g + n + 3) >> 2) - first);
-  // Lane-major first (a loop the compiler vectorises across groups), then interleaved.
-  alignas(64) float lanes[4][kGroups];
-#pragma omp simd
-  for (int64_t j = 0; j < groups; ++j) {
-    const philox::Normals z = philox::normal4(seed, first + j);
-    lanes[0][j] = z.z0;
-    lanes[1][j] = z.z1;
-    lanes[2][j] = z.z2;
-    lanes[3][j] = z.z3;
-  }
-  for (int64_t j = 0; j < groups; ++j) {
-    buffer[4 * j] = lanes[0][j];
-    buffer[4 * j + 1] = lanes[1][j];
-    buffer[4 * j + 2] = lanes[2][j];
-    buffer[4 * j + 3] = lanes[3][j];
-  }
-  return buffer + (g & 3);
-}
-
 template <typename A>
 struct Coef {
   A a, b, c, d, e, s, lo, hi;
 };
 
-// One contiguous run of n elements:
-//   x0 = a x + b eps, clamped to [lo, hi];  out = ((c x0 + d x) + e eps) + s z
-// in the reference's order of operations. lo, hi = -inf, inf without clipping: the
-// comparisons below then keep every value, NaN too. out / x0_out may be x or eps: each
-// element is read before it is written.
-template <typename P, bool kEps, bool kNoise, bool kX0>
-PATCHDDM_SIMD_CLONES void update_run(const typename P::storage* x, const typename P::storage* eps,
-                                     const float* z, typename P::storage* out,
-                                     typename P::storage* x0_out, int64_t n, Coef<typename P::acc> k) {
-  using A = typename P::acc;
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const A xv = P::load(x[i]);
-    const A ev = kEps ? P::load(eps[i]) : A(0);
-    A x0 = k.a * xv;
-    if constexpr (kEps) x0 += k.b * ev;
-    x0 = x0 < k.lo ? k.lo : (x0 > k.hi ? k.hi : x0);
-    A o = k.c * x0 + k.d * xv;
-    if constexpr (kEps) o += k.e * ev;
-    if constexpr (kNoise) o += k.s * static_cast<A>(z[i]);
-    out[i] = P::store(o);
-    if constexpr (kX0) x0_out[i] = P::store(x0);
-  }
-}
-
-template <typename P>
-PATCHDDM_SIMD_CLONES void convert_run(const float* z, typename P::storage* out, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) out[i] = P::store(static_cast<typename P::acc>(z[i]));
-}
+// The element loops, once per instruction set.
+#define PATCHDDM_LOOPS "noise_update_loops.h"
+#include "per_isa.h"
 
 struct Rows {
   char* data;
@@ -119,17 +68,19 @@ void noise_update_kernel(const NoiseUpdateArgs& a, const at::Tensor& x,
   const Rows er = eps.has_value() ? rows_of(*eps) : Rows{nullptr, 0};
   const Rows x0r = x0_out.has_value() ? rows_of(*x0_out) : Rows{nullptr, 0};
   const int64_t inner = a.inner;
+  const cpu::Isa choice = cpu::cpu_isa();  // here, on the calling thread: it may warn once
   at::parallel_for(0, a.batch * inner, kGrain, [&](int64_t begin, int64_t end) {
     alignas(64) float buffer[4 * kGroups];
     const float* z = nullptr;
     for (int64_t i = begin; i < end;) {
       const int64_t b = i / inner, j = i - b * inner;
       const int64_t n = std::min({end - i, inner - j, kBlock});
-      if constexpr (kNoise) z = normals(seed, offset + static_cast<uint64_t>(i), n, buffer);
       auto at_row = [&](const Rows& r) { return reinterpret_cast<S*>(r.data + b * r.stride) + j; };
-      update_run<P, kEps, kNoise, kX0>(at_row(xr), kEps ? at_row(er) : nullptr, z, at_row(outr),
-                                       kX0 ? at_row(x0r) : nullptr, n,
-                                       rows[a.shared_coef ? 0 : b]);
+      PATCHDDM_DISPATCH_ISA(choice,
+                            if constexpr (kNoise) z = isa::normals(seed, offset + static_cast<uint64_t>(i), n, buffer);
+                            isa::update_run<P, kEps, kNoise, kX0>(at_row(xr), kEps ? at_row(er) : nullptr, z,
+                                                                  at_row(outr), kX0 ? at_row(x0r) : nullptr, n,
+                                                                  rows[a.shared_coef ? 0 : b]));
       i += n;
     }
   });
@@ -172,11 +123,14 @@ at::Tensor philox_normal_cpu(const at::Tensor& like, int64_t seed, int64_t offse
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "philox_normal_cpu", [&] {
     using P = cpu::Elem<scalar_t>;
     auto* data = reinterpret_cast<typename P::storage*>(out.mutable_data_ptr<scalar_t>());
+    const cpu::Isa choice = cpu::cpu_isa();
     at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
       alignas(64) float buffer[4 * kGroups];
       for (int64_t i = begin; i < end; i += kBlock) {
         const int64_t m = std::min(end - i, kBlock);
-        convert_run<P>(normals(seed, offset + static_cast<uint64_t>(i), m, buffer), data + i, m);
+        PATCHDDM_DISPATCH_ISA(choice, isa::convert_run<P>(isa::normals(seed, offset + static_cast<uint64_t>(i), m,
+                                                                        buffer),
+                                                           data + i, m));
       }
     });
   });

@@ -1,12 +1,13 @@
 // What the CPU kernel files share for their vectorised loops, as cuda/launch.cuh does for the
-// CUDA ones: the attribute that compiles a loop for several instruction sets, and the load and
-// store of every dtype through its arithmetic type.
+// CUDA ones: the choice of instruction set, and the load and store of every dtype through its
+// arithmetic type.
 //
 // The element loops are plain loops that GCC vectorises. The extension itself is built for
-// baseline x86-64, so on x86-64 Linux each loop function is compiled for AVX-512, AVX2 and the
-// baseline (GCC's target_clones; the arch levels need GCC 11) and the loader picks the best the
-// CPU has. (at::vec::Vectorized would not do here: ATen chooses its instruction set per
-// translation unit through CPU_CAPABILITY flags, without which it is a plain array of scalars.)
+// baseline x86-64, so with GCC on x86-64 each kernel file compiles its loops three times, for
+// AVX-512 (x86-64-v4), AVX2 (x86-64-v3) and the baseline (per_isa.h), and runs the copy that
+// cpu_isa() chose: the best the CPU has, capped by the environment variable PATCHDDM_CPU_ISA.
+// (at::vec::Vectorized would not do here: ATen chooses its instruction set per translation
+// unit through CPU_CAPABILITY flags, without which it is a plain array of scalars.)
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -15,10 +16,10 @@
 #include <bit>
 #include <cstdint>
 
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
-#define PATCHDDM_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define PATCHDDM_ISA_VARIANTS 1  // `#pragma GCC target("arch=x86-64-v4")` needs GCC 11
 #else
-#define PATCHDDM_SIMD_CLONES
+#define PATCHDDM_ISA_VARIANTS 0
 #endif
 
 #if defined(__GNUC__)
@@ -28,6 +29,43 @@
 #endif
 
 namespace patchddm::cpu {
+
+enum class Isa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// The instruction set of the CPU kernels' loops: the best this CPU runs, capped by
+// PATCHDDM_CPU_ISA (avx512, avx2 or baseline; another value is ignored with a warning). Read
+// once, the first time a CPU kernel runs (cpu_isa.cpp).
+Isa cpu_isa();
+const char* isa_name(Isa isa);
+
+// Runs the statements `...`, in which `isa::` names the loops of the namespace compiled for
+// `choice` (isa_avx512, isa_avx2 or isa_baseline, see per_isa.h).
+#if PATCHDDM_ISA_VARIANTS
+#define PATCHDDM_DISPATCH_ISA(choice, ...)                  \
+  do {                                                     \
+    switch (choice) {                                      \
+      case ::patchddm::cpu::Isa::kAvx512: {                \
+        namespace isa = isa_avx512;                        \
+        __VA_ARGS__;                                       \
+      } break;                                             \
+      case ::patchddm::cpu::Isa::kAvx2: {                  \
+        namespace isa = isa_avx2;                          \
+        __VA_ARGS__;                                       \
+      } break;                                             \
+      default: {                                           \
+        namespace isa = isa_baseline;                      \
+        __VA_ARGS__;                                       \
+      }                                                    \
+    }                                                      \
+  } while (0)
+#else
+#define PATCHDDM_DISPATCH_ISA(choice, ...) \
+  do {                                     \
+    (void)(choice);                        \
+    namespace isa = isa_baseline;          \
+    __VA_ARGS__;                           \
+  } while (0)
+#endif
 
 // c ? a : b through a bit mask: both sides are computed, so compilers keep loops over it
 // vectorised rather than branching (they will not speculate float arithmetic into a select).
