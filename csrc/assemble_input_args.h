@@ -98,6 +98,15 @@ inline void check_assemble_out(const char* op, const AssembleArgs& a, const at::
   if (x_t.has_value()) at::assert_no_overlap(out, *x_t);
 }
 
+// Every check of assemble_input_out.
+inline AssembleArgs check_assemble_input_out(const char* op, const at::Tensor& volume, const at::Tensor& offsets,
+                                             const std::optional<at::Tensor>& x_t, at::IntArrayRef patch_shape,
+                                             at::IntArrayRef coord_shape, const at::Tensor& out) {
+  const AssembleArgs a = check_assemble_input(op, volume, offsets, x_t, patch_shape, coord_shape);
+  check_assemble_out(op, a, volume, x_t, out);
+  return a;
+}
+
 // assemble_input through a device's assemble_input_out (OutFn), into a new contiguous tensor
 // of volume's dtype.
 template <auto OutFn>

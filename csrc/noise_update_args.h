@@ -99,6 +99,21 @@ inline void check_noise_outputs(const char* op, const at::Tensor& x,
   }
 }
 
+// Every check of philox_normal.
+inline void check_philox_normal(const char* op, const at::Tensor& like, int64_t seed, int64_t offset) {
+  check_float(op, "like", like);
+  check_seed_offset(op, seed, offset);
+}
+
+// Every check of noise_update_out.
+inline NoiseUpdateArgs check_noise_update_out(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& eps,
+                                              const at::Tensor& coef, bool add_noise, int64_t seed, int64_t offset,
+                                              const at::Tensor& out, const std::optional<at::Tensor>& x0_out) {
+  const NoiseUpdateArgs a = check_noise_update(op, x, eps, coef, add_noise, seed, offset);
+  check_noise_outputs(op, x, eps, out, x0_out);
+  return a;
+}
+
 // noise_update through a device's noise_update_out (OutFn): out, and x0 when want_x0 (else
 // an empty tensor), allocated like x, contiguous.
 template <auto OutFn>

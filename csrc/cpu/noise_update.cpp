@@ -90,9 +90,8 @@ void noise_update_out_cpu(const at::Tensor& x, const std::optional<at::Tensor>& 
                           const at::Tensor& coef, bool clip, bool add_noise, int64_t seed,
                           int64_t offset, const at::Tensor& out,
                           const std::optional<at::Tensor>& x0_out) {
-  constexpr const char* op = "patchddm::noise_update_out";
-  const NoiseUpdateArgs a = check_noise_update(op, x, eps, coef, add_noise, seed, offset);
-  check_noise_outputs(op, x, eps, out, x0_out);
+  const NoiseUpdateArgs a =
+      check_noise_update_out("patchddm::noise_update_out", x, eps, coef, add_noise, seed, offset, out, x0_out);
   if (x.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "noise_update_cpu", [&] {
     // The variants as compile-time flags, so that each inner loop is branch-free.
@@ -115,9 +114,7 @@ void noise_update_out_cpu(const at::Tensor& x, const std::optional<at::Tensor>& 
 }
 
 at::Tensor philox_normal_cpu(const at::Tensor& like, int64_t seed, int64_t offset) {
-  constexpr const char* op = "patchddm::philox_normal";
-  check_float(op, "like", like);
-  check_seed_offset(op, seed, offset);
+  check_philox_normal("patchddm::philox_normal", like, seed, offset);
   at::Tensor out = at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
   const int64_t n = out.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "philox_normal_cpu", [&] {

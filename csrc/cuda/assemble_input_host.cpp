@@ -20,9 +20,8 @@ void copy_strides(const at::Tensor& t, int64_t* stride) {
 void assemble_input_out_cuda(const at::Tensor& volume, const at::Tensor& offsets,
                              const std::optional<at::Tensor>& x_t, at::IntArrayRef patch_shape,
                              at::IntArrayRef coord_shape, const at::Tensor& out) {
-  constexpr const char* op = "patchddm::assemble_input_out";
-  const AssembleArgs a = check_assemble_input(op, volume, offsets, x_t, patch_shape, coord_shape);
-  check_assemble_out(op, a, volume, x_t, out);
+  const AssembleArgs a =
+      check_assemble_input_out("patchddm::assemble_input_out", volume, offsets, x_t, patch_shape, coord_shape, out);
   if (out.numel() == 0) return;
   c10::cuda::CUDAGuard guard(volume.device());
 

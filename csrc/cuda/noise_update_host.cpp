@@ -15,9 +15,8 @@ void noise_update_out_cuda(const at::Tensor& x, const std::optional<at::Tensor>&
                            const at::Tensor& coef, bool clip, bool add_noise, int64_t seed,
                            int64_t offset, const at::Tensor& out,
                            const std::optional<at::Tensor>& x0_out) {
-  constexpr const char* op = "patchddm::noise_update_out";
-  const NoiseUpdateArgs a = check_noise_update(op, x, eps, coef, add_noise, seed, offset);
-  check_noise_outputs(op, x, eps, out, x0_out);
+  const NoiseUpdateArgs a =
+      check_noise_update_out("patchddm::noise_update_out", x, eps, coef, add_noise, seed, offset, out, x0_out);
   if (x.numel() == 0) return;
   c10::cuda::CUDAGuard guard(x.device());
   cuda::NoiseUpdateParams p{};
@@ -64,9 +63,7 @@ void noise_update_out_cuda(const at::Tensor& x, const std::optional<at::Tensor>&
 }
 
 at::Tensor philox_normal_cuda(const at::Tensor& like, int64_t seed, int64_t offset) {
-  constexpr const char* op = "patchddm::philox_normal";
-  check_float(op, "like", like);
-  check_seed_offset(op, seed, offset);
+  check_philox_normal("patchddm::philox_normal", like, seed, offset);
   c10::cuda::CUDAGuard guard(like.device());
   at::Tensor out = at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
   cuda::philox_normal(out.mutable_data_ptr(), out.numel(), static_cast<uint64_t>(seed),
