@@ -34,6 +34,17 @@ MAX_PARTIALS = 1024  # chunk sums read at once by the per-group kernels
 
 
 @triton.jit
+def _channel_span(S, chunk):
+    """This program's span of the elementwise (B * C, chunks) grid: channel bc, chunk k, the
+    offset base of the channel's first element, and [start, end) of the chunk within it. int64:
+    a batch of 256^3 volumes with many channels exceeds 2^31 elements."""
+    bc = tl.program_id(0).to(tl.int64)
+    k = tl.program_id(1).to(tl.int64)
+    start = k * chunk
+    return bc, k, bc * S, start, tl.minimum(start + chunk, S)
+
+
+@triton.jit
 def _first_value(x_ptr, skip_ptr, base, HAS_SKIP: tl.constexpr):
     """The channel's first normalised input a, which shifts its sums."""
     a = to_acc(tl.load(x_ptr + base))
@@ -45,13 +56,8 @@ def _first_value(x_ptr, skip_ptr, base, HAS_SKIP: tl.constexpr):
 @triton.jit
 def _stats_kernel(x_ptr, skip_ptr, avg_ptr, part_ptr, S, chunk, n_chunks,
                   HAS_SKIP: tl.constexpr, BLOCK: tl.constexpr):
-    # int64 offsets: a batch of 256^3 volumes with many channels exceeds 2^31 elements.
-    bc = tl.program_id(0).to(tl.int64)
-    k = tl.program_id(1).to(tl.int64)
-    base = bc * S
+    bc, k, base, start, end = _channel_span(S, chunk)
     shift = _first_value(x_ptr, skip_ptr, base, HAS_SKIP)
-    start = k * chunk
-    end = tl.minimum(start + chunk, S)
     acc_ty = part_ptr.dtype.element_ty
     s = tl.zeros([BLOCK], dtype=acc_ty)
     q = tl.zeros([BLOCK], dtype=acc_ty)
@@ -136,11 +142,7 @@ def _silu(z):
 
 @triton.jit
 def _apply_kernel(a_ptr, coef_ptr, y_ptr, S, chunk, BLOCK: tl.constexpr):
-    bc = tl.program_id(0).to(tl.int64)
-    k = tl.program_id(1).to(tl.int64)
-    base = bc * S
-    start = k * chunk
-    end = tl.minimum(start + chunk, S)
+    bc, k, base, start, end = _channel_span(S, chunk)
     scale = tl.load(coef_ptr + bc * 2)
     shift = tl.load(coef_ptr + bc * 2 + 1)
     for i in range(0, chunk, BLOCK):
@@ -180,11 +182,7 @@ def _grad_stats_kernel(dy_ptr, a_ptr, add_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr,
                        S, C, Cg, chunk, n_chunks,
                        HAS_ADD: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                        BLOCK: tl.constexpr):
-    bc = tl.program_id(0).to(tl.int64)
-    k = tl.program_id(1).to(tl.int64)
-    base = bc * S
-    start = k * chunk
-    end = tl.minimum(start + chunk, S)
+    bc, k, base, start, end = _channel_span(S, chunk)
     rstd, q, w, b = _channel_constants(add_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, bc, C, Cg,
                                        HAS_ADD, HAS_W, HAS_B)
     acc_ty = part_ptr.dtype.element_ty
@@ -255,11 +253,7 @@ def _grad_apply_kernel(dy_ptr, a_ptr, grad_avg_ptr, add_ptr, w_ptr, b_ptr, mean_
                        grad_in_ptr, S, C, Cg, chunk, input_scale,
                        HAS_GRAD_AVG: tl.constexpr, HAS_ADD: tl.constexpr, HAS_W: tl.constexpr,
                        HAS_B: tl.constexpr, BLOCK: tl.constexpr):
-    bc = tl.program_id(0).to(tl.int64)
-    k = tl.program_id(1).to(tl.int64)
-    base = bc * S
-    start = k * chunk
-    end = tl.minimum(start + chunk, S)
+    bc, k, base, start, end = _channel_span(S, chunk)
     rstd, q, w, b = _channel_constants(add_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, bc, C, Cg,
                                        HAS_ADD, HAS_W, HAS_B)
     c1 = tl.load(coef_ptr + bc * 3)
