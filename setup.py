@@ -125,6 +125,8 @@ def build_ext_class():
 
 setup(
     packages=find_packages(include=["patchddm_fast", "patchddm_fast.*"]),
+    # The op schemas: compiled into _C from csrc/ops.cpp and read at run time by the Triton ops.
+    package_data={"patchddm_fast.ops": ["schemas.def"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": build_ext_class()},
 )

@@ -129,8 +129,8 @@ fi
 BENCH_ARGS=(--benchmark-only -q -p no:cacheprovider --bench-out "$WORK")
 if [ $HAVE_PYTEST = 1 ] && [ $GPU = 1 ]; then
     # most telling first; each file gets its cap or what is left, minus 40 s for the table
-    for spec in test_limits.py:90 test_ops_group_norm_silu.py:60 test_ops_noise.py:40 test_unet.py:70 \
-                test_sampler.py:45 test_end_to_end.py:90 test_train.py:60 test_ops_coords.py:40 \
+    for spec in test_limits.py:90 test_ops_group_norm_silu.py:60 test_ops_noise_update.py:40 test_unet.py:70 \
+                test_sampler.py:45 test_end_to_end.py:90 test_train.py:60 test_ops_assemble_input.py:40 \
                 test_scaling.py:150 test_data.py:40; do
         file=${spec%%:*}; cap=${spec##*:}
         [ -f "benchmarks/$file" ] || continue

@@ -29,7 +29,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.memory import cpu_peak_bytes, cuda_peak_bytes
+from benchmarks.workloads import check_then_time
 
 EPS = 1e-5
 SIZES = {  # name -> (shape, groups)
@@ -190,26 +190,18 @@ def test_group_norm_silu(benchmark, bench_device, paper_scale, size, case, mode,
         if threads is not None:
             torch.set_num_threads(threads)
         run = setup_run(case, impl, mode, size, paper_scale, device)
-        check_against_reference(run, case, mode, size, paper_scale, device)  # also warms compile up
         memory_key = (size, case, mode, impl, paper_scale, device)
-        if device == "cuda":
-            run()
-            peak = cuda_peak_bytes(run)
-            sync = torch.cuda.synchronize
-
-            def timed():
-                run()
-                sync()
-        else:
-            if memory_key not in _PEAKS:  # the same at any thread count: measured once
-                _PEAKS[memory_key] = cpu_peak_bytes(
-                    "benchmarks.test_ops_group_norm_silu:setup_run", case=case, impl=impl, mode=mode, size=size,
-                    paper=paper_scale, threads=1)
-            peak = _PEAKS[memory_key]
-            timed = run
-        benchmark.group = (f"group_norm_silu {size} {case} {mode} "
-                           f"{'paper' if paper_scale else 'small'} {device}{f' threads={threads}' if threads else ''}")
-        benchmark.pedantic(timed, rounds=10 if paper_scale else 30, warmup_rounds=2)
+        peak = check_then_time(
+            benchmark, run, device=device,
+            check=lambda: check_against_reference(run, case, mode, size, paper_scale, device),  # warms compile up
+            group=(f"group_norm_silu {size} {case} {mode} "
+                   f"{'paper' if paper_scale else 'small'} {device}{f' threads={threads}' if threads else ''}"),
+            # the same at any thread count: measured once, with one thread
+            target="benchmarks.test_ops_group_norm_silu:setup_run",
+            kwargs=dict(case=case, impl=impl, mode=mode, size=size, paper=paper_scale, threads=1),
+            peak=_PEAKS.get(memory_key), rounds=10 if paper_scale else 30, warmup_rounds=2)
+        if device == "cpu":
+            _PEAKS[memory_key] = peak
     finally:
         torch.set_num_threads(saved_threads)
     seconds = benchmark.stats.stats.min

@@ -13,8 +13,9 @@ Baseline and ours, everywhere in the suite:
   ours      the fused U-Net, one preallocated model-input buffer written once, and the fused
             noise ops writing x_t straight into it.
 
-The helpers at the end (`sync`, `time_call`, `record`, `measure`) give every benchmark the
-same shape: check, warm up, peak memory, time, ratios to the baseline of the same group.
+The helpers at the end (`sync`, `time_call`, `check_then_time`, `record`, `measure`) give
+every benchmark the same shape: check, warm up, peak memory, time, ratios to the baseline of
+the same group.
 """
 
 from __future__ import annotations
@@ -386,16 +387,16 @@ def record(benchmark, name: str, baseline: str | None = None, *, peak_bytes: int
     return entry
 
 
-def measure(benchmark, run, *, device, group: str, name: str, target: str | None = None,
-            kwargs: dict | None = None, baseline: str | None = None, rounds: int = 3,
-            warmup_rounds: int = 1, check=None, **info) -> dict:
-    """The suite's standard benchmark: check, peak memory, warm-up, time, record.
+def check_then_time(benchmark, run, *, device, group: str, target: str | None = None, kwargs: dict | None = None,
+                    rounds: int = 3, warmup_rounds: int = 1, check=None, peak: int | None = None) -> int | None:
+    """Every benchmark's core: check, peak memory, warm-up, time. Returns the peak bytes.
 
     check: called first (e.g. compare run's result with a reference); it raises on failure.
     When it calls run, that call is a warm-up too: pass warmup_rounds=0 to skip another.
-    Peak memory: on CUDA torch.cuda.max_memory_allocated over one run (after a warm-up run);
-    on the CPU the peak RSS growth of one run of `target` (a workload "module:function"
-    called with `kwargs`) in a fresh process, when a target is given.
+    Peak memory, unless `peak` gives a figure measured before: on CUDA
+    torch.cuda.max_memory_allocated over one run (after a warm-up run); on the CPU the peak
+    RSS growth of one run of `target` (a workload "module:function" called with `kwargs`) in
+    a fresh process, when a target is given (else None).
     """
     from benchmarks.memory import cpu_peak_bytes, cuda_peak_bytes
 
@@ -403,10 +404,19 @@ def measure(benchmark, run, *, device, group: str, name: str, target: str | None
         check()
     benchmark.group = group
     device = torch.device(device)
-    if device.type == "cuda":
+    if peak is None and device.type == "cuda":
         run()
         peak = cuda_peak_bytes(run)
-    else:
-        peak = cpu_peak_bytes(target, **(kwargs or {})) if target else None
+    elif peak is None and target:
+        peak = cpu_peak_bytes(target, **(kwargs or {}))
     benchmark.pedantic(timed(run, device), rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
+    return peak
+
+
+def measure(benchmark, run, *, device, group: str, name: str, target: str | None = None,
+            kwargs: dict | None = None, baseline: str | None = None, rounds: int = 3,
+            warmup_rounds: int = 1, check=None, **info) -> dict:
+    """The suite's standard benchmark: check_then_time, then record (arguments as there)."""
+    peak = check_then_time(benchmark, run, device=device, group=group, target=target, kwargs=kwargs, rounds=rounds,
+                           warmup_rounds=warmup_rounds, check=check)
     return record(benchmark, name, baseline, peak_bytes=peak, **info)

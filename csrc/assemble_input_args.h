@@ -4,6 +4,7 @@
 
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <array>
@@ -95,6 +96,29 @@ inline void check_assemble_out(const char* op, const AssembleArgs& a, const at::
   at::assert_no_internal_overlap(out);
   at::assert_no_overlap(out, volume);
   if (x_t.has_value()) at::assert_no_overlap(out, *x_t);
+}
+
+// Every check of assemble_input_out.
+inline AssembleArgs check_assemble_input_out(const char* op, const at::Tensor& volume, const at::Tensor& offsets,
+                                             const std::optional<at::Tensor>& x_t, at::IntArrayRef patch_shape,
+                                             at::IntArrayRef coord_shape, const at::Tensor& out) {
+  const AssembleArgs a = check_assemble_input(op, volume, offsets, x_t, patch_shape, coord_shape);
+  check_assemble_out(op, a, volume, x_t, out);
+  return a;
+}
+
+// assemble_input through a device's assemble_input_out (OutFn), into a new contiguous tensor
+// of volume's dtype.
+template <auto OutFn>
+at::Tensor assemble_input_via_out(const at::Tensor& volume, const at::Tensor& offsets,
+                                  const std::optional<at::Tensor>& x_t, at::IntArrayRef patch_shape,
+                                  at::IntArrayRef coord_shape) {
+  const AssembleArgs a =
+      check_assemble_input("patchddm::assemble_input", volume, offsets, x_t, patch_shape, coord_shape);
+  at::Tensor out = at::empty({a.batch, a.written_channels(), a.patch[0], a.patch[1], a.patch[2]},
+                             volume.options().memory_format(at::MemoryFormat::Contiguous));
+  OutFn(volume, offsets, x_t, patch_shape, coord_shape, out);
+  return out;
 }
 
 }  // namespace patchddm

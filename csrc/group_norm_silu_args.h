@@ -3,9 +3,13 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <optional>
+#include <tuple>
 
 #include "checks.h"
 
@@ -69,6 +73,52 @@ inline void check_group_norm_stats(const char* op, const char* name, const at::T
   TORCH_CHECK(t.dim() == 2 && t.size(0) == d.batch && t.size(1) == d.groups, op, ": ", name, " has shape ",
               t.sizes(), ", expected (", d.batch, ", ", d.groups, ")");
   check_contiguous(op, name, t);
+}
+
+// Every check of group_norm_silu_forward; returns x's dimensions.
+inline GroupNormDims check_group_norm_silu_forward(const char* op, const at::Tensor& x,
+                                                   const std::optional<at::Tensor>& skip,
+                                                   const std::optional<at::Tensor>& add,
+                                                   const std::optional<at::Tensor>& weight,
+                                                   const std::optional<at::Tensor>& bias, int64_t groups,
+                                                   double eps) {
+  const GroupNormDims d = check_group_norm_input(op, "x", x, groups);
+  TORCH_CHECK(eps > 0, op, ": eps must be positive, got ", eps);
+  if (skip.has_value()) check_group_norm_like(op, "skip", *skip, x);
+  check_group_norm_params(op, d, x, add, weight, bias);
+  return d;
+}
+
+// Every check of group_norm_silu_backward; returns input's dimensions.
+inline GroupNormDims check_group_norm_silu_backward(const char* op, const at::Tensor& grad_out,
+                                                    const std::optional<at::Tensor>& grad_average,
+                                                    const at::Tensor& input, const std::optional<at::Tensor>& add,
+                                                    const std::optional<at::Tensor>& weight,
+                                                    const std::optional<at::Tensor>& bias, const at::Tensor& mean,
+                                                    const at::Tensor& rstd, int64_t groups) {
+  const GroupNormDims d = check_group_norm_input(op, "input", input, groups);
+  check_group_norm_like(op, "grad_out", grad_out, input);
+  if (grad_average.has_value()) check_group_norm_like(op, "grad_average", *grad_average, input);
+  check_group_norm_params(op, d, input, add, weight, bias);
+  check_group_norm_stats(op, "mean", mean, input, d);
+  check_group_norm_stats(op, "rstd", rstd, input, d);
+  return d;
+}
+
+// The forward's outputs y, average (empty without skip), mean and rstd, on x's device. For an
+// empty x they are final: the statistics of nothing, as every backend gives them.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_forward_outputs(
+    const at::Tensor& x, bool has_skip, const GroupNormDims& d, double eps) {
+  const auto acc_options = x.options().dtype(group_norm_acc_type(x));
+  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor average = has_skip ? at::empty_like(x, at::MemoryFormat::Contiguous) : at::empty({0}, x.options());
+  at::Tensor mean = at::empty({d.batch, d.groups}, acc_options);
+  at::Tensor rstd = at::empty({d.batch, d.groups}, acc_options);
+  if (x.numel() == 0) {
+    mean.zero_();
+    rstd.fill_(1.0 / std::sqrt(eps));
+  }
+  return {y, average, mean, rstd};
 }
 
 }  // namespace patchddm

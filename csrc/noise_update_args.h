@@ -4,9 +4,11 @@
 
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <tuple>
 
 #include "checks.h"
 
@@ -95,6 +97,34 @@ inline void check_noise_outputs(const char* op, const at::Tensor& x,
     check_one("x0_out", *x0_out);
     at::assert_no_overlap(out, *x0_out);
   }
+}
+
+// Every check of philox_normal.
+inline void check_philox_normal(const char* op, const at::Tensor& like, int64_t seed, int64_t offset) {
+  check_float(op, "like", like);
+  check_seed_offset(op, seed, offset);
+}
+
+// Every check of noise_update_out.
+inline NoiseUpdateArgs check_noise_update_out(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& eps,
+                                              const at::Tensor& coef, bool add_noise, int64_t seed, int64_t offset,
+                                              const at::Tensor& out, const std::optional<at::Tensor>& x0_out) {
+  const NoiseUpdateArgs a = check_noise_update(op, x, eps, coef, add_noise, seed, offset);
+  check_noise_outputs(op, x, eps, out, x0_out);
+  return a;
+}
+
+// noise_update through a device's noise_update_out (OutFn): out, and x0 when want_x0 (else
+// an empty tensor), allocated like x, contiguous.
+template <auto OutFn>
+std::tuple<at::Tensor, at::Tensor> noise_update_via_out(const at::Tensor& x, const std::optional<at::Tensor>& eps,
+                                                        const at::Tensor& coef, bool clip, bool add_noise,
+                                                        int64_t seed, int64_t offset, bool want_x0) {
+  check_float("patchddm::noise_update", "x", x);
+  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor x0 = want_x0 ? at::empty_like(x, at::MemoryFormat::Contiguous) : x.new_empty({0});
+  OutFn(x, eps, coef, clip, add_noise, seed, offset, out, want_x0 ? std::optional<at::Tensor>(x0) : std::nullopt);
+  return {out, x0};
 }
 
 }  // namespace patchddm

@@ -15,7 +15,7 @@ import torch
 
 BUILD_HINT = (
     "build it with `pip install --no-build-isolation -e .` in the source tree "
-    "(needs a C++ compiler and ninja; see README.md, 'Building')"
+    "(needs a C++ compiler and ninja; see README.md, 'Build switches')"
 )
 
 

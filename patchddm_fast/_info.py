@@ -11,7 +11,10 @@ from .ops._backends import TRITON_INTERPRET, TRITON_REASON, FastOp, get_backend_
 
 
 def _devices() -> list[str]:
-    lines = [f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"]
+    cpu = f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    if EXTENSION.loaded and hasattr(torch.ops.patchddm, "cpu_isa"):
+        cpu += f", C++ loops for {torch.ops.patchddm.cpu_isa()} (PATCHDDM_CPU_ISA caps it)"
+    lines = [cpu]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)

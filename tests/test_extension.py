@@ -75,3 +75,53 @@ def test_import_without_extension_falls_back_with_one_warning(tmp_path):
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "patchddm_fast._C was not built" in result.stdout
+
+
+CPU_ISA_RUN = """
+import sys, torch
+import patchddm_fast  # noqa: F401
+from patchddm_fast import ops
+g = torch.Generator().manual_seed(0)
+x = torch.randn(2, 8, 4, 8, 16, generator=g, requires_grad=True)
+skip, temb = torch.randn(2, 8, 4, 8, 16, generator=g), torch.randn(2, 8, generator=g)
+average, y = ops.group_norm_silu(x, None, None, 4, add=temb, skip=skip, backend="cpp")
+y.sum().backward()
+x_t, eps = torch.randn(3, 1, 9, 9, 9, generator=g), torch.randn(3, 1, 9, 9, 9, generator=g)
+results = {"isa": torch.ops.patchddm.cpu_isa(), "y": y.detach(), "grad": x.grad}
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    results[f"ddim {dtype}"] = ops.ddim_step(x_t.to(dtype), eps.to(dtype), 0.5, 0.7, eta=1.0, seed=3, backend="cpp")[0]
+    results[f"y {dtype}"] = ops.group_norm_silu(x.detach().to(dtype), None, None, 4, backend="cpp")
+torch.save(results, sys.argv[1])
+"""
+
+
+def _run_with_cpu_isa(tmp_path, cap):
+    env = {k: v for k, v in os.environ.items() if k != "PATCHDDM_CPU_ISA"}
+    if cap is not None:
+        env["PATCHDDM_CPU_ISA"] = cap
+    path = tmp_path / f"{cap}.pt"
+    result = subprocess.run([sys.executable, "-c", CPU_ISA_RUN, str(path)], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return torch.load(path), result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not EXTENSION.loaded, reason="needs the compiled extension")
+def test_cpu_isa_caps_the_vector_instruction_set_of_the_cpu_kernels(tmp_path):
+    order = ["baseline", "avx2", "avx512"]
+    best, _ = _run_with_cpu_isa(tmp_path, None)
+    assert best["isa"] in order
+    for cap in order:
+        capped, _ = _run_with_cpu_isa(tmp_path, cap)
+        assert capped["isa"] == order[min(order.index(cap), order.index(best["isa"]))]
+        for key, value in best.items():
+            if key == "isa":
+                continue
+            # The same results up to rounding: sums in other vector widths, and fused multiply-adds
+            # where the instruction set has them.
+            tol = 1e-5 if value.dtype == torch.float32 else 1e-2
+            torch.testing.assert_close(capped[key].float(), value.float(), atol=tol, rtol=tol, msg=f"{cap} {key}")
+    unknown, stderr = _run_with_cpu_isa(tmp_path, "sse9")
+    assert unknown["isa"] == best["isa"]
+    assert "PATCHDDM_CPU_ISA=sse9 ignored" in stderr

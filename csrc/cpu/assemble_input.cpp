@@ -145,9 +145,8 @@ void assemble_cpu_kernel(const AssembleArgs& a, const at::Tensor& volume,
 void assemble_input_out_cpu(const at::Tensor& volume, const at::Tensor& offsets,
                             const std::optional<at::Tensor>& x_t, at::IntArrayRef patch_shape,
                             at::IntArrayRef coord_shape, const at::Tensor& out) {
-  constexpr const char* op = "patchddm::assemble_input_out";
-  const AssembleArgs a = check_assemble_input(op, volume, offsets, x_t, patch_shape, coord_shape);
-  check_assemble_out(op, a, volume, x_t, out);
+  const AssembleArgs a =
+      check_assemble_input_out("patchddm::assemble_input_out", volume, offsets, x_t, patch_shape, coord_shape, out);
   if (out.numel() == 0) return;
   const at::ScalarType x_type = x_t.has_value() ? x_t->scalar_type() : volume.scalar_type();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, volume.scalar_type(), "assemble_input_cpu", [&] {
@@ -158,21 +157,10 @@ void assemble_input_out_cpu(const at::Tensor& volume, const at::Tensor& offsets,
   });
 }
 
-at::Tensor assemble_input_cpu(const at::Tensor& volume, const at::Tensor& offsets,
-                              const std::optional<at::Tensor>& x_t, at::IntArrayRef patch_shape,
-                              at::IntArrayRef coord_shape) {
-  constexpr const char* op = "patchddm::assemble_input";
-  const AssembleArgs a = check_assemble_input(op, volume, offsets, x_t, patch_shape, coord_shape);
-  at::Tensor out = at::empty({a.batch, a.written_channels(), a.patch[0], a.patch[1], a.patch[2]},
-                             volume.options().memory_format(at::MemoryFormat::Contiguous));
-  assemble_input_out_cpu(volume, offsets, x_t, patch_shape, coord_shape, out);
-  return out;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(patchddm, CPU, m) {
-  m.impl("assemble_input", &assemble_input_cpu);
+  m.impl("assemble_input", &assemble_input_via_out<assemble_input_out_cpu>);
   m.impl("assemble_input_out", &assemble_input_out_cpu);
 }
 

@@ -5,7 +5,7 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
-#include "../checks.h"
+#include "../avg_skip_args.h"
 
 namespace patchddm {
 namespace {
@@ -25,12 +25,7 @@ void avg_skip_loop(const T* h, const T* skip, T* out, int64_t n) {
 
 at::Tensor avg_skip_cpu(const at::Tensor& h, const at::Tensor& skip) {
   constexpr const char* op = "patchddm::avg_skip";
-  check_float(op, "h", h);
-  check_same_dtype(op, "skip", skip, h);
-  check_same_shape(op, "skip", skip, h);
-  check_same_device(op, "skip", skip, h);
-  check_contiguous(op, "h", h);
-  check_contiguous(op, "skip", skip);
+  check_avg_skip(op, h, skip);
   at::Tensor out = at::empty_like(h, at::MemoryFormat::Contiguous);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "avg_skip_cpu", [&] {
     avg_skip_loop<scalar_t>(h.const_data_ptr<scalar_t>(), skip.const_data_ptr<scalar_t>(),

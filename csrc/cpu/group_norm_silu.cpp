@@ -1,5 +1,5 @@
 // GroupNorm + SiLU on the CPU, with the averaging skip and the per-(batch, channel) bias fused
-// in (DESIGN.md, "The fast ops"; the formulas are in csrc/ops.cpp and the Python op).
+// in (the formulas are in patchddm_fast/ops/schemas.def and the Python op's reference).
 //
 // Layout: x is (B, C, S) contiguous, so channel (b, c) is one run of S elements and a group
 // is Cg = C / G consecutive channels. Every pass splits each channel into chunks of at most
@@ -15,10 +15,8 @@
 // and dz * xhat per chunk (float and double keep dz in grad_input's buffer); pass 2 writes
 // grad_input from those group sums.
 //
-// The element loops are plain loops that GCC vectorises; on x86-64 Linux each is compiled for
-// AVX-512, AVX2 and baseline SSE2 (target_clones) and the loader picks the best the CPU has.
-// (at::vec::Vectorized would not do here: ATen chooses its instruction set per translation
-// unit through CPU_CAPABILITY flags, without which it is a plain array of scalars.)
+// The element loops (group_norm_silu_loops.h) are plain loops that GCC vectorises, compiled for
+// AVX-512, AVX2 and baseline x86-64; each call runs the copy that cpu_isa() chose (vec.h).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -37,17 +35,7 @@
 #include <vector>
 
 #include "../group_norm_silu_args.h"
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define PATCHDDM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define PATCHDDM_CLONES
-#endif
-#if defined(__GNUC__)
-#define PATCHDDM_INLINE inline __attribute__((always_inline))
-#else
-#define PATCHDDM_INLINE inline
-#endif
+#include "vec.h"
 
 namespace patchddm {
 namespace {
@@ -56,209 +44,17 @@ constexpr int64_t kChunk = 32768;  // elements of one channel per parallel unit
 constexpr int64_t kTile = 1024;    // elements summed in the arithmetic type before a double add
 constexpr int64_t kGrain = 32768;  // elements per task at least: amortises the fork
 
-// -- storage <-> arithmetic conversion, as bit operations that vectorise --------------------
+using cpu::Elem;  // storage <-> arithmetic conversion of each dtype
 
-template <typename T>
-struct Elem {  // float and double: stored as computed
-  using storage = T;
-  using acc = T;
-  static PATCHDDM_INLINE acc load(storage v) { return v; }
-  static PATCHDDM_INLINE storage store(acc v) { return v; }
-};
-
-template <>
-struct Elem<c10::Half> {
-  using storage = uint16_t;
-  using acc = float;
-  static PATCHDDM_INLINE acc load(storage v) { return c10::detail::fp16_ieee_to_fp32_value(v); }
-  static PATCHDDM_INLINE storage store(acc v) { return c10::detail::fp16_ieee_from_fp32_value(v); }
-};
-
-template <>
-struct Elem<c10::BFloat16> {
-  using storage = uint16_t;
-  using acc = float;
-  static PATCHDDM_INLINE acc load(storage v) { return c10::detail::f32_from_bits(v); }
-  static PATCHDDM_INLINE storage store(acc v) { return c10::detail::round_to_nearest_even(v); }
-};
-
-// -- sigmoid ----------------------------------------------------------------------------------
-
-// exp(x) = 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], p a degree-5 polynomial fitted to
-// exp there (relative error 1e-7, then float rounding). x is clamped to [-86, 86], which keeps
-// 2^n a normal float; sigmoid needs no wider range: beyond it the result is 0 or 1 to float
-// precision. The clamps are comparisons (not fmin/fmax) so that the loops vectorise; a NaN
-// input gives a finite value here and the NaN comes through z in the callers.
-PATCHDDM_INLINE float exp_clamped(float x) {
-  x = x > -86.f ? x : -86.f;
-  x = x < 86.f ? x : 86.f;
-  const float round = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float t = x * 1.44269504f + round;
-  const int32_t n_bits = std::bit_cast<int32_t>(t) - 0x4B400000;  // n as an integer
-  const float n = t - round;
-  float r = x - n * 0.693145752f;  // ln2 in two parts, so r is exact to float
-  r -= n * 1.42860677e-6f;
-  float p = 0.00826153066f;
-  p = p * r + 0.0418987311f;
-  p = p * r + 0.166681141f;
-  p = p * r + 0.499991417f;
-  p = p * r + 0.999999523f;
-  p = p * r + 1.f;
-  return std::bit_cast<float>(std::bit_cast<int32_t>(p) + (n_bits << 23));
-}
-
-PATCHDDM_INLINE float sigmoid(float z) { return 1.f / (1.f + exp_clamped(-z)); }
-PATCHDDM_INLINE double sigmoid(double z) { return 1.0 / (1.0 + std::exp(-z)); }
-PATCHDDM_INLINE float silu(float z) { return z / (1.f + exp_clamped(-z)); }
-PATCHDDM_INLINE double silu(double z) { return z / (1.0 + std::exp(-z)); }
-
-// -- the element loops, each over one span of one channel ------------------------------------
-
-// Sums of (a - shift) and its square over a span; a = x, or the average (x + skip) / 2 rounded
-// to T, which is also written to avg.
-template <typename T>
-PATCHDDM_CLONES void stats_span(const typename Elem<T>::storage* __restrict x,
-                                const typename Elem<T>::storage* __restrict skip,
-                                typename Elem<T>::storage* __restrict avg, int64_t n,
-                                typename Elem<T>::acc shift, double* __restrict sums) {
-  using E = Elem<T>;
-  using acc = typename E::acc;
-  double sum = 0, sum_sq = 0;
-  for (int64_t t0 = 0; t0 < n; t0 += kTile) {
-    const int64_t t1 = std::min(n, t0 + kTile);
-    acc s = 0, q = 0;
-    if (skip != nullptr) {
-#pragma omp simd reduction(+ : s, q)
-      for (int64_t i = t0; i < t1; ++i) {
-        const auto rounded = E::store((E::load(x[i]) + E::load(skip[i])) * acc(0.5));
-        avg[i] = rounded;
-        const acc d = E::load(rounded) - shift;
-        s += d;
-        q += d * d;
-      }
-    } else {
-#pragma omp simd reduction(+ : s, q)
-      for (int64_t i = t0; i < t1; ++i) {
-        const acc d = E::load(x[i]) - shift;
-        s += d;
-        q += d * d;
-      }
-    }
-    sum += s;
-    sum_sq += q;
-  }
-  sums[0] = sum;
-  sums[1] = sum_sq;
-}
-
-// y = silu(a * scale + shift): the whole normalisation and affine folded into two constants.
-template <typename T>
-PATCHDDM_CLONES void apply_span(const typename Elem<T>::storage* __restrict a,
-                                typename Elem<T>::storage* __restrict y, int64_t n,
-                                typename Elem<T>::acc scale, typename Elem<T>::acc shift) {
-  using E = Elem<T>;
-  using acc = typename E::acc;
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const acc z = E::load(a[i]) * scale + shift;
-    y[i] = E::store(silu(z));
-  }
-}
-
-// The derivative of silu at z = xhat * w + b, xhat = a * rstd + q, times dy.
-template <typename T>
-PATCHDDM_INLINE typename Elem<T>::acc grad_z(typename Elem<T>::acc dy, typename Elem<T>::acc z) {
-  using acc = typename Elem<T>::acc;
-  const acc sig = sigmoid(z);
-  return dy * sig * (acc(1) + z * (acc(1) - sig));
-}
+// -- the element loops, once per instruction set ------------------------------------------
 
 // Float and double store their arithmetic values, so the backward can keep dz in grad_input's
 // buffer between its passes instead of computing the sigmoid twice.
 template <typename T>
 constexpr bool kKeepsDz = std::is_same_v<typename Elem<T>::storage, typename Elem<T>::acc>;
 
-// Sums over a span of dz, dz * xhat and xhat (the last only matters for grad_add); with KEEP,
-// dz is also written to dz_out.
-template <typename T, bool KEEP>
-PATCHDDM_CLONES void grad_stats_span(const typename Elem<T>::storage* __restrict dy,
-                                     const typename Elem<T>::storage* __restrict a,
-                                     typename Elem<T>::acc* __restrict dz_out, int64_t n,
-                                     typename Elem<T>::acc rstd, typename Elem<T>::acc q,
-                                     typename Elem<T>::acc w, typename Elem<T>::acc b,
-                                     double* __restrict sums) {
-  using E = Elem<T>;
-  using acc = typename E::acc;
-  double sum_dz = 0, sum_dz_xhat = 0, sum_xhat = 0;
-  for (int64_t t0 = 0; t0 < n; t0 += kTile) {
-    const int64_t t1 = std::min(n, t0 + kTile);
-    acc s1 = 0, s2 = 0, s0 = 0;
-#pragma omp simd reduction(+ : s1, s2, s0)
-    for (int64_t i = t0; i < t1; ++i) {
-      const acc xhat = E::load(a[i]) * rstd + q;
-      const acc dz = grad_z<T>(E::load(dy[i]), xhat * w + b);
-      if constexpr (KEEP) dz_out[i] = dz;
-      s1 += dz;
-      s2 += dz * xhat;
-      s0 += xhat;
-    }
-    sum_dz += s1;
-    sum_dz_xhat += s2;
-    sum_xhat += s0;
-  }
-  sums[0] = sum_dz;
-  sums[1] = sum_dz_xhat;
-  sums[2] = sum_xhat;
-}
-
-// grad = scale_in * (c1 * dz + c2 * xhat + c3 + grad_average), in place over the kept dz.
-template <typename T>
-PATCHDDM_CLONES void grad_apply_kept_span(const typename Elem<T>::storage* __restrict a,
-                                          const typename Elem<T>::storage* __restrict grad_avg,
-                                          typename Elem<T>::acc* __restrict grad, int64_t n,
-                                          typename Elem<T>::acc rstd, typename Elem<T>::acc q,
-                                          typename Elem<T>::acc c1, typename Elem<T>::acc c2,
-                                          typename Elem<T>::acc c3, typename Elem<T>::acc scale_in) {
-  using acc = typename Elem<T>::acc;
-  if (grad_avg != nullptr) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      grad[i] = scale_in * (c1 * grad[i] + c2 * (static_cast<acc>(a[i]) * rstd + q) + c3 + grad_avg[i]);
-    }
-  } else {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) grad[i] = scale_in * (c1 * grad[i] + c2 * (static_cast<acc>(a[i]) * rstd + q) + c3);
-  }
-}
-
-// grad_input = scale_in * (c1 * dz + c2 * xhat + c3 + grad_average).
-template <typename T>
-PATCHDDM_CLONES void grad_apply_span(const typename Elem<T>::storage* __restrict dy,
-                                     const typename Elem<T>::storage* __restrict a,
-                                     const typename Elem<T>::storage* __restrict grad_avg,
-                                     typename Elem<T>::storage* __restrict grad_in, int64_t n,
-                                     typename Elem<T>::acc rstd, typename Elem<T>::acc q,
-                                     typename Elem<T>::acc w, typename Elem<T>::acc b,
-                                     typename Elem<T>::acc c1, typename Elem<T>::acc c2,
-                                     typename Elem<T>::acc c3, typename Elem<T>::acc scale_in) {
-  using E = Elem<T>;
-  using acc = typename E::acc;
-  if (grad_avg != nullptr) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      const acc xhat = E::load(a[i]) * rstd + q;
-      const acc dz = grad_z<T>(E::load(dy[i]), xhat * w + b);
-      grad_in[i] = E::store(scale_in * (c1 * dz + c2 * xhat + c3 + E::load(grad_avg[i])));
-    }
-  } else {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      const acc xhat = E::load(a[i]) * rstd + q;
-      const acc dz = grad_z<T>(E::load(dy[i]), xhat * w + b);
-      grad_in[i] = E::store(scale_in * (c1 * dz + c2 * xhat + c3));
-    }
-  }
-}
+#define PATCHDDM_LOOPS "group_norm_silu_loops.h"
+#include "per_isa.h"
 
 // -- work split ---------------------------------------------------------------------------------
 
@@ -307,6 +103,7 @@ void forward_impl(const at::Tensor& x, const std::optional<at::Tensor>& skip,
                   at::Tensor& average, at::Tensor& mean, at::Tensor& rstd) {
   using E = Elem<T>;
   using acc = typename E::acc;
+  const cpu::Isa choice = cpu::cpu_isa();  // here, on the calling thread: it may warn once
   const int64_t bc_count = d.batch * d.channels, S = d.spatial, Cg = d.per_group();
   const auto* xp = storage_ptr<T>(x);
   const auto* sp = skip.has_value() ? storage_ptr<T>(*skip) : nullptr;
@@ -328,8 +125,8 @@ void forward_impl(const at::Tensor& x, const std::optional<at::Tensor>& skip,
   std::vector<double> sums(units.count() * 2);
   at::parallel_for(0, units.count(), units.grain(), [&](int64_t begin, int64_t end) {
     units.for_each(begin, end, [&](int64_t u, int64_t bc, int64_t offset, int64_t len) {
-      stats_span<T>(xp + offset, sp ? sp + offset : nullptr, ap ? ap + offset : nullptr, len,
-                    shift[bc], &sums[u * 2]);
+      PATCHDDM_DISPATCH_ISA(choice, isa::stats_span<T>(xp + offset, sp ? sp + offset : nullptr,
+                                                       ap ? ap + offset : nullptr, len, shift[bc], &sums[u * 2]));
     });
   });
 
@@ -372,7 +169,7 @@ void forward_impl(const at::Tensor& x, const std::optional<at::Tensor>& skip,
   auto* yp = mutable_storage_ptr<T>(y);
   at::parallel_for(0, units.count(), units.grain(), [&](int64_t begin, int64_t end) {
     units.for_each(begin, end, [&](int64_t, int64_t bc, int64_t offset, int64_t len) {
-      apply_span<T>(a_read + offset, yp + offset, len, scale[bc], offset_v[bc]);
+      PATCHDDM_DISPATCH_ISA(choice, isa::apply_span<T>(a_read + offset, yp + offset, len, scale[bc], offset_v[bc]));
     });
   });
 }
@@ -381,23 +178,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_forwa
     const at::Tensor& x, const std::optional<at::Tensor>& skip, const std::optional<at::Tensor>& add,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, int64_t groups,
     double eps) {
-  constexpr const char* op = "patchddm::group_norm_silu_forward";
-  const GroupNormDims d = check_group_norm_input(op, "x", x, groups);
-  TORCH_CHECK(eps > 0, op, ": eps must be positive, got ", eps);
-  if (skip.has_value()) check_group_norm_like(op, "skip", *skip, x);
-  check_group_norm_params(op, d, x, add, weight, bias);
-
-  const auto acc = group_norm_acc_type(x);
-  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
-  at::Tensor average = skip.has_value() ? at::empty_like(x, at::MemoryFormat::Contiguous)
-                                        : at::empty({0}, x.options());
-  at::Tensor mean = at::empty({d.batch, d.groups}, x.options().dtype(acc));
-  at::Tensor rstd = at::empty({d.batch, d.groups}, x.options().dtype(acc));
-  if (x.numel() == 0) {  // empty groups: statistics of nothing, as the other backends
-    mean.zero_();
-    rstd.fill_(1.0 / std::sqrt(eps));
-    return {y, average, mean, rstd};
-  }
+  const GroupNormDims d =
+      check_group_norm_silu_forward("patchddm::group_norm_silu_forward", x, skip, add, weight, bias, groups, eps);
+  at::Tensor y, average, mean, rstd;
+  std::tie(y, average, mean, rstd) = group_norm_silu_forward_outputs(x, skip.has_value(), d, eps);
+  if (x.numel() == 0) return {y, average, mean, rstd};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_silu_forward_cpu", [&] {
     forward_impl<scalar_t>(x, skip, add, weight, bias, d, eps, y, average, mean, rstd);
   });
@@ -415,6 +200,7 @@ void backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
                    at::Tensor& grad_bias) {
   using E = Elem<T>;
   using acc = typename E::acc;
+  const cpu::Isa choice = cpu::cpu_isa();
   const int64_t bc_count = d.batch * d.channels, S = d.spatial, Cg = d.per_group();
   const auto* dyp = storage_ptr<T>(grad_out);
   const auto* ap = storage_ptr<T>(input);
@@ -440,8 +226,9 @@ void backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
   at::parallel_for(0, units.count(), units.grain(), [&](int64_t begin, int64_t end) {
     units.for_each(begin, end, [&](int64_t u, int64_t bc, int64_t offset, int64_t len) {
       const int64_t c = bc % d.channels;
-      grad_stats_span<T, kKeepsDz<T>>(dyp + offset, ap + offset, kKeepsDz<T> ? kept + offset : nullptr, len, rstd_p[bc / Cg], q[bc], w[c],
-                                      b[c], &sums[u * 3]);
+      PATCHDDM_DISPATCH_ISA(choice, isa::grad_stats_span<T, kKeepsDz<T>>(
+                                        dyp + offset, ap + offset, kKeepsDz<T> ? kept + offset : nullptr, len,
+                                        rstd_p[bc / Cg], q[bc], w[c], b[c], &sums[u * 3]));
     });
   });
   std::vector<double> s_dz(bc_count, 0.0), s_dzx(bc_count, 0.0), s_x(bc_count, 0.0);
@@ -496,11 +283,13 @@ void backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
     units.for_each(begin, end, [&](int64_t, int64_t bc, int64_t offset, int64_t len) {
       const int64_t c = bc % d.channels;
       if constexpr (kKeepsDz<T>) {
-        grad_apply_kept_span<T>(ap + offset, gap ? gap + offset : nullptr, kept + offset, len, rstd_p[bc / Cg],
-                                q[bc], c1[bc], c2[bc], c3[bc], scale_in);
+        PATCHDDM_DISPATCH_ISA(choice, isa::grad_apply_kept_span<T>(ap + offset, gap ? gap + offset : nullptr,
+                                                                   kept + offset, len, rstd_p[bc / Cg], q[bc],
+                                                                   c1[bc], c2[bc], c3[bc], scale_in));
       } else {
-        grad_apply_span<T>(dyp + offset, ap + offset, gap ? gap + offset : nullptr, gip + offset, len,
-                           rstd_p[bc / Cg], q[bc], w[c], b[c], c1[bc], c2[bc], c3[bc], scale_in);
+        PATCHDDM_DISPATCH_ISA(choice, isa::grad_apply_span<T>(dyp + offset, ap + offset, gap ? gap + offset : nullptr,
+                                                              gip + offset, len, rstd_p[bc / Cg], q[bc], w[c], b[c],
+                                                              c1[bc], c2[bc], c3[bc], scale_in));
       }
     });
   });
@@ -511,13 +300,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backw
     const std::optional<at::Tensor>& add, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& rstd,
     int64_t groups, double input_scale) {
-  constexpr const char* op = "patchddm::group_norm_silu_backward";
-  const GroupNormDims d = check_group_norm_input(op, "input", input, groups);
-  check_group_norm_like(op, "grad_out", grad_out, input);
-  if (grad_average.has_value()) check_group_norm_like(op, "grad_average", *grad_average, input);
-  check_group_norm_params(op, d, input, add, weight, bias);
-  check_group_norm_stats(op, "mean", mean, input, d);
-  check_group_norm_stats(op, "rstd", rstd, input, d);
+  const GroupNormDims d = check_group_norm_silu_backward("patchddm::group_norm_silu_backward", grad_out, grad_average,
+                                                         input, add, weight, bias, mean, rstd, groups);
 
   const auto acc = group_norm_acc_type(input);
   const auto acc_options = input.options().dtype(acc);

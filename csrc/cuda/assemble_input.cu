@@ -126,8 +126,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
-
 // Whether a row of VEC elements at any (b, c, z, y) and x multiple of VEC starts 16-byte
 // aligned: base aligned, unit x stride, all other strides multiples of VEC.
 bool rows_vectorisable(const void* data, const int64_t* stride, int vec) {

@@ -20,9 +20,8 @@ void copy_strides(const at::Tensor& t, int64_t* stride) {
 void assemble_input_out_cuda(const at::Tensor& volume, const at::Tensor& offsets,
                              const std::optional<at::Tensor>& x_t, at::IntArrayRef patch_shape,
                              at::IntArrayRef coord_shape, const at::Tensor& out) {
-  constexpr const char* op = "patchddm::assemble_input_out";
-  const AssembleArgs a = check_assemble_input(op, volume, offsets, x_t, patch_shape, coord_shape);
-  check_assemble_out(op, a, volume, x_t, out);
+  const AssembleArgs a =
+      check_assemble_input_out("patchddm::assemble_input_out", volume, offsets, x_t, patch_shape, coord_shape, out);
   if (out.numel() == 0) return;
   c10::cuda::CUDAGuard guard(volume.device());
 
@@ -57,22 +56,10 @@ void assemble_input_out_cuda(const at::Tensor& volume, const at::Tensor& offsets
   cuda::assemble_input(p, cuda::to_dtype(volume.scalar_type()), cuda::current_stream());
 }
 
-at::Tensor assemble_input_cuda(const at::Tensor& volume, const at::Tensor& offsets,
-                               const std::optional<at::Tensor>& x_t, at::IntArrayRef patch_shape,
-                               at::IntArrayRef coord_shape) {
-  constexpr const char* op = "patchddm::assemble_input";
-  const AssembleArgs a = check_assemble_input(op, volume, offsets, x_t, patch_shape, coord_shape);
-  c10::cuda::CUDAGuard guard(volume.device());
-  at::Tensor out = at::empty({a.batch, a.written_channels(), a.patch[0], a.patch[1], a.patch[2]},
-                             volume.options().memory_format(at::MemoryFormat::Contiguous));
-  assemble_input_out_cuda(volume, offsets, x_t, patch_shape, coord_shape, out);
-  return out;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(patchddm, CUDA, m) {
-  m.impl("assemble_input", &assemble_input_cuda);
+  m.impl("assemble_input", &assemble_input_via_out<assemble_input_out_cuda>);
   m.impl("assemble_input_out", &assemble_input_out_cuda);
 }
 

@@ -47,8 +47,6 @@ int grid_for(int64_t work) {
   return static_cast<int>(std::min<int64_t>(ceil_div(work, kThreads), 65536));
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 }  // namespace
 
 void avg_skip(const void* h, const void* skip, void* out, int64_t n, DType dtype,

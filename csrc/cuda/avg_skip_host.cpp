@@ -2,6 +2,7 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include "../avg_skip_args.h"
 #include "avg_skip.h"
 #include "torch_bridge.h"
 
@@ -10,12 +11,7 @@ namespace {
 
 at::Tensor avg_skip_cuda(const at::Tensor& h, const at::Tensor& skip) {
   constexpr const char* op = "patchddm::avg_skip";
-  check_float(op, "h", h);
-  check_same_dtype(op, "skip", skip, h);
-  check_same_shape(op, "skip", skip, h);
-  check_same_device(op, "skip", skip, h);
-  check_contiguous(op, "h", h);
-  check_contiguous(op, "skip", skip);
+  check_avg_skip(op, h, skip);
   c10::cuda::CUDAGuard guard(h.device());
   at::Tensor out = at::empty_like(h, at::MemoryFormat::Contiguous);
   cuda::avg_skip(h.const_data_ptr(), skip.const_data_ptr(), out.mutable_data_ptr(), h.numel(),

@@ -336,8 +336,6 @@ __global__ void __launch_bounds__(kThreads)
 
 // -- launch -------------------------------------------------------------------------------------
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 // 16-byte accesses when every channel starts on a 16-byte boundary of every big tensor.
 template <typename T>
 bool can_vectorise(int64_t S, std::initializer_list<const void*> pointers) {

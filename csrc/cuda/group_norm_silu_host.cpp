@@ -27,24 +27,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_forwa
     const at::Tensor& x, const std::optional<at::Tensor>& skip, const std::optional<at::Tensor>& add,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, int64_t groups,
     double eps) {
-  constexpr const char* op = "patchddm::group_norm_silu_forward";
-  const GroupNormDims d = check_group_norm_input(op, "x", x, groups);
-  TORCH_CHECK(eps > 0, op, ": eps must be positive, got ", eps);
-  if (skip.has_value()) check_group_norm_like(op, "skip", *skip, x);
-  check_group_norm_params(op, d, x, add, weight, bias);
+  const GroupNormDims d =
+      check_group_norm_silu_forward("patchddm::group_norm_silu_forward", x, skip, add, weight, bias, groups, eps);
   c10::cuda::CUDAGuard guard(x.device());
-
+  at::Tensor y, average, mean, rstd;
+  std::tie(y, average, mean, rstd) = group_norm_silu_forward_outputs(x, skip.has_value(), d, eps);
+  if (x.numel() == 0) return {y, average, mean, rstd};
   const auto acc = group_norm_acc_type(x);
   const auto acc_options = x.options().dtype(acc);
-  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
-  at::Tensor average = skip.has_value() ? at::empty_like(x, at::MemoryFormat::Contiguous) : at::empty({0}, x.options());
-  at::Tensor mean = at::empty({d.batch, d.groups}, acc_options);
-  at::Tensor rstd = at::empty({d.batch, d.groups}, acc_options);
-  if (x.numel() == 0) {  // empty groups: statistics of nothing, as the other backends
-    mean.zero_();
-    rstd.fill_(1.0 / std::sqrt(eps));
-    return {y, average, mean, rstd};
-  }
   const at::Tensor add_acc = as_acc(add, acc), weight_acc = as_acc(weight, acc), bias_acc = as_acc(bias, acc);
   const int64_t chunks = cuda::group_norm_chunks(d.spatial);
   at::Tensor partials = at::empty({d.batch * d.channels * chunks * 2}, acc_options);
@@ -76,13 +66,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backw
     const std::optional<at::Tensor>& add, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& rstd, int64_t groups,
     double input_scale) {
-  constexpr const char* op = "patchddm::group_norm_silu_backward";
-  const GroupNormDims d = check_group_norm_input(op, "input", input, groups);
-  check_group_norm_like(op, "grad_out", grad_out, input);
-  if (grad_average.has_value()) check_group_norm_like(op, "grad_average", *grad_average, input);
-  check_group_norm_params(op, d, input, add, weight, bias);
-  check_group_norm_stats(op, "mean", mean, input, d);
-  check_group_norm_stats(op, "rstd", rstd, input, d);
+  const GroupNormDims d = check_group_norm_silu_backward("patchddm::group_norm_silu_backward", grad_out, grad_average,
+                                                         input, add, weight, bias, mean, rstd, groups);
   c10::cuda::CUDAGuard guard(input.device());
 
   const auto acc = group_norm_acc_type(input);

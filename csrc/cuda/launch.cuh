@@ -1,5 +1,6 @@
 // Device-side helpers shared by the kernel files: float conversion of every supported dtype,
-// launch-error checking, and a dtype switch that mirrors AT_DISPATCH without torch headers.
+// launch-error checking, alignment, and a dtype switch that mirrors AT_DISPATCH without torch
+// headers. (cpu/vec.h is the CPU kernels' counterpart.)
 #pragma once
 
 #include <cuda_bf16.h>
@@ -36,6 +37,9 @@ inline void check_launch(const char* what) {
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Whether p may be read and written as 16-byte vectors.
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // Calls f.template operator()<T>() with T the storage type of dtype.
 template <typename F>

@@ -15,9 +15,8 @@ void noise_update_out_cuda(const at::Tensor& x, const std::optional<at::Tensor>&
                            const at::Tensor& coef, bool clip, bool add_noise, int64_t seed,
                            int64_t offset, const at::Tensor& out,
                            const std::optional<at::Tensor>& x0_out) {
-  constexpr const char* op = "patchddm::noise_update_out";
-  const NoiseUpdateArgs a = check_noise_update(op, x, eps, coef, add_noise, seed, offset);
-  check_noise_outputs(op, x, eps, out, x0_out);
+  const NoiseUpdateArgs a =
+      check_noise_update_out("patchddm::noise_update_out", x, eps, coef, add_noise, seed, offset, out, x0_out);
   if (x.numel() == 0) return;
   c10::cuda::CUDAGuard guard(x.device());
   cuda::NoiseUpdateParams p{};
@@ -63,24 +62,8 @@ void noise_update_out_cuda(const at::Tensor& x, const std::optional<at::Tensor>&
   cuda::noise_update(p, cuda::to_dtype(x.scalar_type()), cuda::current_stream());
 }
 
-std::tuple<at::Tensor, at::Tensor> noise_update_cuda(const at::Tensor& x,
-                                                     const std::optional<at::Tensor>& eps,
-                                                     const at::Tensor& coef, bool clip,
-                                                     bool add_noise, int64_t seed, int64_t offset,
-                                                     bool want_x0) {
-  check_float("patchddm::noise_update", "x", x);
-  c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
-  at::Tensor x0 = want_x0 ? at::empty_like(x, at::MemoryFormat::Contiguous) : x.new_empty({0});
-  noise_update_out_cuda(x, eps, coef, clip, add_noise, seed, offset, out,
-                        want_x0 ? std::optional<at::Tensor>(x0) : std::nullopt);
-  return {out, x0};
-}
-
 at::Tensor philox_normal_cuda(const at::Tensor& like, int64_t seed, int64_t offset) {
-  constexpr const char* op = "patchddm::philox_normal";
-  check_float(op, "like", like);
-  check_seed_offset(op, seed, offset);
+  check_philox_normal("patchddm::philox_normal", like, seed, offset);
   c10::cuda::CUDAGuard guard(like.device());
   at::Tensor out = at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
   cuda::philox_normal(out.mutable_data_ptr(), out.numel(), static_cast<uint64_t>(seed),
@@ -92,7 +75,7 @@ at::Tensor philox_normal_cuda(const at::Tensor& like, int64_t seed, int64_t offs
 }  // namespace
 
 TORCH_LIBRARY_IMPL(patchddm, CUDA, m) {
-  m.impl("noise_update", &noise_update_cuda);
+  m.impl("noise_update", &noise_update_via_out<noise_update_out_cuda>);
   m.impl("noise_update_out", &noise_update_out_cuda);
   m.impl("philox_normal", &philox_normal_cuda);
 }

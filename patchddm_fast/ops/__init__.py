@@ -7,9 +7,9 @@ by default the fastest available one for the tensor's device runs (see _backends
 
 from ._backends import BackendUnavailable, FastOp, get_backend_override, set_backend
 from .avg_skip import avg_skip, avg_skip_reference
-from .coords import assemble_input, assemble_input_reference, coord_encoding
+from .assemble_input import assemble_input, assemble_input_reference, coord_encoding
 from .group_norm_silu import group_norm_silu, group_norm_silu_reference
-from .noise import ddim_step, ddpm_step, noise_update_reference, philox_normal, q_sample
+from .noise_update import ddim_step, ddpm_step, noise_update_reference, philox_normal, q_sample
 from .philox import philox_normal_reference
 
 # The Triton modules import patchddm_fast.ops' own modules, so they load last.

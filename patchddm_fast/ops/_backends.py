@@ -48,8 +48,9 @@ TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 class FastOp:
     """The backends of one public op.
 
-    native: name of the patchddm::<name> schema whose kernels stand for the op in _C;
-    triton_module: module under patchddm_fast.ops.triton holding the op's Triton version;
+    name: the op's one name: its Python module patchddm_fast.ops.<name>, its Triton module
+        patchddm_fast.ops.triton.<name>, its kernels csrc/cpu/<name>.cpp and csrc/cuda/<name>.cu;
+    native: name of the patchddm::<native> schema whose kernels stand for the op in _C;
     cuda_order: preference on CUDA tensors, fastest first.
 
     Availability and defaults are worked out once, when patchddm_fast.ops has been imported
@@ -59,10 +60,10 @@ class FastOp:
 
     registry: dict[str, "FastOp"] = {}
 
-    def __init__(self, name: str, native: str, triton_module: str,
+    def __init__(self, name: str, native: str,
                  cuda_order: tuple[str, ...] = ("cuda", "triton", "torch")):
         self.name, self.native, self.cuda_order = name, native, cuda_order
-        self._triton_module_name = f"patchddm_fast.ops.triton.{triton_module}"
+        self._triton_module_name = f"patchddm_fast.ops.triton.{name}"
         self._why: dict[tuple[str, str], str | None] = {}
         self._default: dict[str, str] = {}
         FastOp.registry[name] = self
@@ -97,7 +98,7 @@ class FastOp:
             if not EXTENSION.has_kernel(self.native, key):
                 why = f"patchddm_fast._C has no {key} kernel for {self.native}"
                 if key == "CUDA" and not EXTENSION.has_kernel("avg_skip", "CUDA"):
-                    why += " (it was built without CUDA: see README.md, 'Building')"
+                    why += " (it was built without CUDA: see README.md, 'Build switches')"
                 return why
             return None
         if triton_error is not None:

@@ -31,6 +31,13 @@ def check_like(op: str, name: str, t, ref: torch.Tensor, ref_name: str, *, shape
         raise TypeError(f"{op}: {name} has dtype {t.dtype}, expected {ref.dtype} like {ref_name}")
 
 
+def check_contiguous(op: str, **tensors) -> None:
+    """Each given tensor (None: absent) must be contiguous: the layout the kernels read."""
+    for name, t in tensors.items():
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{op}: {name} must be contiguous (call .contiguous() first); got strides {t.stride()}")
+
+
 def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the ops compute in: float64 for float64 inputs, float32 for all others."""
     return torch.float64 if dtype == torch.float64 else torch.float32

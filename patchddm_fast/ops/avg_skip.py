@@ -10,15 +10,25 @@ import torch
 
 from .._extension import EXTENSION
 from ._backends import FastOp
-from ._checks import check_like, check_tensor, opmath_dtype
+from ._checks import check_contiguous, check_like, check_tensor, opmath_dtype
 
-OP = FastOp("avg_skip", native="avg_skip", triton_module="avg_skip")
+OP = FastOp("avg_skip", native="avg_skip")
 
 
 def avg_skip_reference(h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     """Plain-PyTorch (h + skip) / 2, computed in float32 (float64 for float64 inputs)."""
     acc = opmath_dtype(h.dtype)
     return ((h.to(acc) + skip.to(acc)) * 0.5).to(h.dtype)
+
+
+def check_arguments(name: str, h: torch.Tensor, skip: torch.Tensor, *, kernel_layout: bool = False) -> None:
+    """The checks of every avg_skip backend (csrc/avg_skip_args.h makes the same for the C++ and
+    CUDA kernels); kernel_layout: both contiguous, as the kernels read them (the public op
+    makes them so itself)."""
+    check_tensor(name, "h", h)
+    check_like(name, "skip", skip, h, "h")
+    if kernel_layout:
+        check_contiguous(name, h=h, skip=skip)
 
 
 def avg_skip(h: torch.Tensor, skip: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
@@ -29,8 +39,7 @@ def avg_skip(h: torch.Tensor, skip: torch.Tensor, *, backend: str | None = None)
     dtype. Gradient: grad / 2 to each input. `backend` picks an implementation (cpp, cuda,
     triton, torch); the default is the fastest available for the device.
     """
-    check_tensor("avg_skip", "h", h)
-    check_like("avg_skip", "skip", skip, h, "h")
+    check_arguments("avg_skip", h, skip)
     choice = OP.resolve(h.device, backend)
     if choice == "torch":
         return avg_skip_reference(h, skip)
@@ -54,7 +63,7 @@ def register_autograd(qualname: str) -> None:
     torch.library.register_autograd(qualname, _backward, setup_context=_setup_context)
 
 
-def fake_avg_skip(h, skip):
+def fake_avg_skip(h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(h, memory_format=torch.contiguous_format)
 
 

@@ -19,13 +19,15 @@ import torch.nn.functional as F
 
 from .._extension import EXTENSION
 from ._backends import FastOp
-from ._checks import check_like, check_tensor, opmath_dtype
+from ._checks import check_contiguous, check_like, check_tensor, opmath_dtype
 
-OP = FastOp("group_norm_silu", native="group_norm_silu_forward", triton_module="group_norm_silu")
+OP = FastOp("group_norm_silu", native="group_norm_silu_forward")
 NAME = "group_norm_silu"
 
 
-def group_norm_silu_reference(x, weight, bias, groups, eps=1e-5, add=None, skip=None):
+def group_norm_silu_reference(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int,
+                              eps: float = 1e-5, add: torch.Tensor | None = None, skip: torch.Tensor | None = None
+                              ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch group_norm_silu: the test oracle and the fallback (same arguments)."""
     acc = opmath_dtype(x.dtype)
     average = None
@@ -42,31 +44,57 @@ def group_norm_silu_reference(x, weight, bias, groups, eps=1e-5, add=None, skip=
     return (average, y) if skip is not None else y
 
 
-def _check(x, weight, bias, groups, eps, add, skip):
-    check_tensor(NAME, "x", x, min_ndim=3)
+def check_arguments(name: str, x: torch.Tensor, skip: torch.Tensor | None, add: torch.Tensor | None,
+                    weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int, eps: float, *,
+                    kernel_layout: bool = False) -> None:
+    """The checks of every group_norm_silu_forward backend (csrc/group_norm_silu_args.h makes
+    the same for the C++ and CUDA kernels); kernel_layout: x and skip contiguous, as the
+    kernels read them (the public op makes them so itself)."""
+    check_tensor(name, "x", x, min_ndim=3)
     batch, channels = x.shape[:2]
     if not isinstance(groups, int) or groups <= 0 or channels % groups:
-        raise ValueError(f"{NAME}: groups={groups} must be a positive divisor of the {channels} "
+        raise ValueError(f"{name}: groups={groups} must be a positive divisor of the {channels} "
                          f"channels of x (shape {tuple(x.shape)})")
     if not eps > 0:
-        raise ValueError(f"{NAME}: eps must be positive, got {eps}")
+        raise ValueError(f"{name}: eps must be positive, got {eps}")
     if skip is not None:
-        check_like(NAME, "skip", skip, x, "x")
-    for name, param in (("weight", weight), ("bias", bias)):
+        check_like(name, "skip", skip, x, "x")
+    for label, param in (("weight", weight), ("bias", bias)):
         if param is not None:
-            check_tensor(NAME, name, param, ndim=1)
-            check_like(NAME, name, param, x, "x", shape=False, dtype=False)
+            check_tensor(name, label, param, ndim=1)
+            check_like(name, label, param, x, "x", shape=False, dtype=False)
             if param.shape[0] != channels:
-                raise ValueError(f"{NAME}: {name} has shape {tuple(param.shape)}, expected ({channels},)")
+                raise ValueError(f"{name}: {label} has shape {tuple(param.shape)}, expected ({channels},)")
     if add is not None:
-        check_tensor(NAME, "add", add, ndim=2)
-        check_like(NAME, "add", add, x, "x", shape=False, dtype=False)
+        check_tensor(name, "add", add, ndim=2)
+        check_like(name, "add", add, x, "x", shape=False, dtype=False)
         if tuple(add.shape) != (batch, channels):
-            raise ValueError(f"{NAME}: add has shape {tuple(add.shape)}, expected (batch, channels) = "
+            raise ValueError(f"{name}: add has shape {tuple(add.shape)}, expected (batch, channels) = "
                              f"({batch}, {channels})")
+    if kernel_layout:
+        check_contiguous(name, x=x, skip=skip)
 
 
-def group_norm_silu(x, weight, bias, groups, eps=1e-5, add=None, skip=None, *, backend=None):
+def check_backward_arguments(name: str, grad_out: torch.Tensor, grad_average: torch.Tensor | None,
+                             input: torch.Tensor, add: torch.Tensor | None, weight: torch.Tensor | None,
+                             bias: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor, groups: int) -> None:
+    """The checks of every group_norm_silu_backward backend, in the kernels' layout."""
+    check_arguments(name, input, None, add, weight, bias, groups, 1.0, kernel_layout=True)
+    check_like(name, "grad_out", grad_out, input, "input")
+    if grad_average is not None:
+        check_like(name, "grad_average", grad_average, input, "input")
+    check_contiguous(name, grad_out=grad_out, grad_average=grad_average, mean=mean, rstd=rstd)
+    acc = opmath_dtype(input.dtype)
+    batch = input.shape[0]
+    for label, t in (("mean", mean), ("rstd", rstd)):
+        if t.shape != (batch, groups) or t.dtype != acc or t.device != input.device:
+            raise ValueError(f"{name}: {label} must be a ({batch}, {groups}) {acc} tensor on {input.device}, "
+                             f"got {tuple(t.shape)} {t.dtype} on {t.device}")
+
+
+def group_norm_silu(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int,
+                    eps: float = 1e-5, add: torch.Tensor | None = None, skip: torch.Tensor | None = None, *,
+                    backend: str | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Fused silu(group_norm((x [+ skip] / 2) + add)).
 
     x: (B, C, *spatial), float32, float16, bfloat16 or float64.
@@ -79,7 +107,7 @@ def group_norm_silu(x, weight, bias, groups, eps=1e-5, add=None, skip=None, *, b
     dtype (the ResBlock's residual path needs it). Statistics are float32 (float64 for
     float64 inputs). Differentiable in x, skip, add, weight and bias.
     """
-    _check(x, weight, bias, groups, eps, add, skip)
+    check_arguments(NAME, x, skip, add, weight, bias, groups, eps)
     choice = OP.resolve(x.device, backend)
     if choice == "torch":
         return group_norm_silu_reference(x, weight, bias, groups, eps, add, skip)

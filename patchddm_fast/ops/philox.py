@@ -14,7 +14,7 @@ Philox evaluation, |z| < 5.8, the noise of a tensor does not depend on its memor
 noise(seed, offset)[i] == noise(seed, 0)[offset + i]: calls that advance the offset by the
 number of elements drawn never reuse noise.
 
-The C++ and CUDA kernels (csrc/philox.h) and the Triton kernels (ops/triton/noise.py) all
+The C++ and CUDA kernels (csrc/philox.h) and the Triton kernels (ops/triton/noise_update.py) all
 evaluate ln, cos and sin with the same short float32 polynomials (the angle reduced exactly,
 in integers), so they agree with each other and with this reference to a few float32 ulps
 (|difference| < 2e-6). This module is the reference in plain PyTorch: Philox in int64

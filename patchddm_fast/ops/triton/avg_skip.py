@@ -6,7 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..avg_skip import fake_avg_skip, register_autograd
+from .._schemas import triton_op
+from ..avg_skip import check_arguments, fake_avg_skip, register_autograd
 from ._common import to_acc
 
 BLOCK = 2048
@@ -22,8 +23,9 @@ def _avg_skip_kernel(h_ptr, skip_ptr, out_ptr, n, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, ((h + s) * 0.5).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@torch.library.custom_op("patchddm_triton::avg_skip", mutates_args=())
-def avg_skip(h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+@triton_op("avg_skip")
+def avg_skip(h, skip):
+    check_arguments("patchddm_triton::avg_skip", h, skip, kernel_layout=True)
     out = torch.empty_like(h, memory_format=torch.contiguous_format)
     n = h.numel()
     if n:

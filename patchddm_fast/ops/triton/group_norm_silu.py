@@ -22,14 +22,26 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import check_like, opmath_dtype
-from ..group_norm_silu import _check, fake_backward, fake_forward, register_autograd
+from .._checks import opmath_dtype
+from .._schemas import triton_op
+from ..group_norm_silu import check_arguments, check_backward_arguments, fake_backward, fake_forward, register_autograd
 from ._common import to_acc
 
 MAX_BLOCK = 1024     # elements per vector step of a program
 MAX_ITERS = 16       # vector steps per program: a chunk holds up to 16384 elements
 MAX_CHUNKS = 65535   # CUDA's limit on the second grid axis
 MAX_PARTIALS = 1024  # chunk sums read at once by the per-group kernels
+
+
+@triton.jit
+def _channel_span(S, chunk):
+    """This program's span of the elementwise (B * C, chunks) grid: channel bc, chunk k, the
+    offset base of the channel's first element, and [start, end) of the chunk within it. int64:
+    a batch of 256^3 volumes with many channels exceeds 2^31 elements."""
+    bc = tl.program_id(0).to(tl.int64)
+    k = tl.program_id(1).to(tl.int64)
+    start = k * chunk
+    return bc, k, bc * S, start, tl.minimum(start + chunk, S)
 
 
 @triton.jit
@@ -44,13 +56,8 @@ def _first_value(x_ptr, skip_ptr, base, HAS_SKIP: tl.constexpr):
 @triton.jit
 def _stats_kernel(x_ptr, skip_ptr, avg_ptr, part_ptr, S, chunk, n_chunks,
                   HAS_SKIP: tl.constexpr, BLOCK: tl.constexpr):
-    # int64 offsets: a batch of 256^3 volumes with many channels exceeds 2^31 elements.
-    bc = tl.program_id(0).to(tl.int64)
-    k = tl.program_id(1).to(tl.int64)
-    base = bc * S
+    bc, k, base, start, end = _channel_span(S, chunk)
     shift = _first_value(x_ptr, skip_ptr, base, HAS_SKIP)
-    start = k * chunk
-    end = tl.minimum(start + chunk, S)
     acc_ty = part_ptr.dtype.element_ty
     s = tl.zeros([BLOCK], dtype=acc_ty)
     q = tl.zeros([BLOCK], dtype=acc_ty)
@@ -135,11 +142,7 @@ def _silu(z):
 
 @triton.jit
 def _apply_kernel(a_ptr, coef_ptr, y_ptr, S, chunk, BLOCK: tl.constexpr):
-    bc = tl.program_id(0).to(tl.int64)
-    k = tl.program_id(1).to(tl.int64)
-    base = bc * S
-    start = k * chunk
-    end = tl.minimum(start + chunk, S)
+    bc, k, base, start, end = _channel_span(S, chunk)
     scale = tl.load(coef_ptr + bc * 2)
     shift = tl.load(coef_ptr + bc * 2 + 1)
     for i in range(0, chunk, BLOCK):
@@ -179,11 +182,7 @@ def _grad_stats_kernel(dy_ptr, a_ptr, add_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr,
                        S, C, Cg, chunk, n_chunks,
                        HAS_ADD: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                        BLOCK: tl.constexpr):
-    bc = tl.program_id(0).to(tl.int64)
-    k = tl.program_id(1).to(tl.int64)
-    base = bc * S
-    start = k * chunk
-    end = tl.minimum(start + chunk, S)
+    bc, k, base, start, end = _channel_span(S, chunk)
     rstd, q, w, b = _channel_constants(add_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, bc, C, Cg,
                                        HAS_ADD, HAS_W, HAS_B)
     acc_ty = part_ptr.dtype.element_ty
@@ -254,11 +253,7 @@ def _grad_apply_kernel(dy_ptr, a_ptr, grad_avg_ptr, add_ptr, w_ptr, b_ptr, mean_
                        grad_in_ptr, S, C, Cg, chunk, input_scale,
                        HAS_GRAD_AVG: tl.constexpr, HAS_ADD: tl.constexpr, HAS_W: tl.constexpr,
                        HAS_B: tl.constexpr, BLOCK: tl.constexpr):
-    bc = tl.program_id(0).to(tl.int64)
-    k = tl.program_id(1).to(tl.int64)
-    base = bc * S
-    start = k * chunk
-    end = tl.minimum(start + chunk, S)
+    bc, k, base, start, end = _channel_span(S, chunk)
     rstd, q, w, b = _channel_constants(add_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, bc, C, Cg,
                                        HAS_ADD, HAS_W, HAS_B)
     c1 = tl.load(coef_ptr + bc * 3)
@@ -295,19 +290,10 @@ def _params(t, dtype):
     return t.to(dtype).contiguous() if t is not None else None
 
 
-def _require_contiguous(name, **tensors):
-    for key, t in tensors.items():
-        if t is not None and not t.is_contiguous():
-            raise ValueError(f"{name}: {key} must be contiguous (call .contiguous() first); got strides {t.stride()}")
-
-
-@torch.library.custom_op("patchddm_triton::group_norm_silu_forward", mutates_args=())
-def group_norm_silu_forward(x: torch.Tensor, skip: torch.Tensor | None, add: torch.Tensor | None,
-                            weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int,
-                            eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    name = "patchddm_triton::group_norm_silu_forward"
-    _check(x, weight, bias, groups, eps, add, skip)
-    _require_contiguous(name, x=x, skip=skip)
+@triton_op("group_norm_silu_forward")
+def group_norm_silu_forward(x, skip, add, weight, bias, groups, eps):
+    check_arguments("patchddm_triton::group_norm_silu_forward", x, skip, add, weight, bias, groups, eps,
+                    kernel_layout=True)
     acc = opmath_dtype(x.dtype)
     y, average, mean, rstd = fake_forward(x, skip, add, weight, bias, groups, eps)
     if x.numel() == 0:
@@ -335,23 +321,12 @@ def group_norm_silu_forward(x: torch.Tensor, skip: torch.Tensor | None, add: tor
     return y, average, mean, rstd
 
 
-@torch.library.custom_op("patchddm_triton::group_norm_silu_backward", mutates_args=())
-def group_norm_silu_backward(grad_out: torch.Tensor, grad_average: torch.Tensor | None, input: torch.Tensor,
-                             add: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                             mean: torch.Tensor, rstd: torch.Tensor, groups: int,
-                             input_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    name = "patchddm_triton::group_norm_silu_backward"
-    _check(input, weight, bias, groups, 1.0, add, None)
-    check_like(name, "grad_out", grad_out, input, "input")
-    if grad_average is not None:
-        check_like(name, "grad_average", grad_average, input, "input")
-    _require_contiguous(name, grad_out=grad_out, grad_average=grad_average, input=input, mean=mean, rstd=rstd)
+@triton_op("group_norm_silu_backward")
+def group_norm_silu_backward(grad_out, grad_average, input, add, weight, bias, mean, rstd, groups, input_scale):
+    check_backward_arguments("patchddm_triton::group_norm_silu_backward", grad_out, grad_average, input, add,
+                             weight, bias, mean, rstd, groups)
     acc = opmath_dtype(input.dtype)
     B, C = input.shape[:2]
-    for key, t in (("mean", mean), ("rstd", rstd)):
-        if t.shape != (B, groups) or t.dtype != acc or t.device != input.device:
-            raise ValueError(f"{name}: {key} must be a ({B}, {groups}) {acc} tensor on {input.device}, "
-                             f"got {tuple(t.shape)} {t.dtype} on {t.device}")
     grad_input, grad_add, grad_weight, grad_bias = fake_backward(
         grad_out, grad_average, input, add, weight, bias, mean, rstd, groups, input_scale)
     if input.numel() == 0:

@@ -14,26 +14,31 @@ timesteps); they are computed in float64 and rounded to float32 once (the arithm
 data runs in float32, float64 for float64 data).
 `out=` may be a strided view, e.g. the x_t channel of a preallocated model-input buffer,
 and may alias x: each element is read before it is written.
+
+These ops have no autograd: sampling runs without gradients, and training noises its data,
+which needs none.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 
 from .._extension import EXTENSION
 from ._backends import FastOp
-from ._checks import check_like, check_tensor, opmath_dtype
+from ._checks import FLOAT_DTYPES, check_like, check_tensor, opmath_dtype
 from .philox import check_seed_offset, philox_normal_reference
 
-OP = FastOp("noise_update", native="noise_update", triton_module="noise")
+OP = FastOp("noise_update", native="noise_update")
 NCOEF = 6
 
 
 # -- the generic update -----------------------------------------------------------------------
 
-def noise_update_reference(x, eps, coef, clip, add_noise, seed, offset):
+def noise_update_reference(x: torch.Tensor, eps: torch.Tensor | None, coef: torch.Tensor, clip: bool,
+                           add_noise: bool, seed: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch noise update: returns (out, x0), both in x's dtype."""
     acc = opmath_dtype(x.dtype)
     shape = (coef.shape[0],) + (1,) * (x.dim() - 1)
@@ -64,17 +69,50 @@ def _is_batch_strided(t: torch.Tensor) -> bool:
     return True
 
 
-def _noise_update(name, x, eps, coef, *, clip, add_noise, seed, offset, out, x0_out, backend):
+def check_arguments(name: str, x: torch.Tensor, eps: torch.Tensor | None, coef: torch.Tensor, add_noise: bool,
+                    seed: int, offset: int, out: torch.Tensor | None = None, x0_out: torch.Tensor | None = None,
+                    *, kernel_layout: bool = False) -> None:
+    """The checks of every noise_update backend (csrc/noise_update_args.h makes the same for the
+    C++ and CUDA kernels). The public ops fix the layout themselves afterwards; the Triton ops
+    ask for kernel_layout: every tensor contiguous within each batch element, out and x0_out
+    distinct."""
     check_tensor(name, "x", x, min_ndim=1)
-    if eps is not None:
-        check_like(name, "eps", eps, x, "x")
+    tensors = [(label, t) for label, t in (("eps", eps), ("out", out), ("x0_out", x0_out)) if t is not None]
+    for label, t in tensors:
+        check_like(name, label, t, x, "x")
+    batch = x.shape[0]
+    if not (isinstance(coef, torch.Tensor) and coef.device in (x.device, torch.device("cpu"))
+            and coef.dtype in (torch.float32, torch.float64) and coef.dim() == 2 and coef.shape[1] == NCOEF
+            and coef.shape[0] in (1, batch)):
+        got = (f"shape {tuple(coef.shape)}, {coef.dtype}, on {coef.device}" if isinstance(coef, torch.Tensor)
+               else type(coef).__name__)
+        raise ValueError(f"{name}: coef must have shape (1, 6) or (B, 6) with B = {batch}, float32 or float64, "
+                         f"on the CPU or {x.device}; got {got}")
     if add_noise:
         check_seed_offset(name, seed, offset)
-    else:
+    if not kernel_layout:
+        return
+    for label, t in [("x", x)] + tensors:
+        if not _is_batch_strided(t):
+            raise ValueError(f"{name}: {label} must be contiguous within each batch element "
+                             f"({label}[b].is_contiguous()); got shape {tuple(t.shape)} and strides {t.stride()}")
+    if out is not None and x0_out is not None and out.numel() and out.data_ptr() == x0_out.data_ptr():
+        raise ValueError(f"{name}: out and x0_out must be different tensors")
+
+
+def check_philox_normal(name: str, dtype: torch.dtype, seed: int, offset: int) -> None:
+    """The checks of every philox_normal backend."""
+    check_seed_offset(name, seed, offset)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: dtype must be a float dtype (float32, float16, bfloat16 or float64), got {dtype}")
+
+
+def _noise_update(name: str, x: torch.Tensor, eps: torch.Tensor | None, coef: torch.Tensor, *, clip: bool,
+                  add_noise: bool, seed: int, offset: int, out: torch.Tensor | None, x0_out: torch.Tensor | None,
+                  backend: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    check_arguments(name, x, eps, coef, add_noise, seed, offset, out, x0_out)
+    if not add_noise:
         seed, offset = 0, 0
-    for label, target in (("out", out), ("x0_out", x0_out)):
-        if target is not None:
-            check_like(name, label, target, x, "x")
     choice = OP.resolve(x.device, backend)
     if choice == "torch":
         result, x0 = noise_update_reference(x, eps, coef, clip, add_noise, seed, offset)
@@ -109,7 +147,7 @@ def _noise_update(name, x, eps, coef, *, clip, add_noise, seed, offset, out, x0_
 # it on Python floats (per batch element: a few microseconds, where a dozen tiny tensor ops
 # would take hundreds), traced calls on float64 tensors, which torch.compile records.
 
-def _per_batch(name: str, label: str, value, batch: int):
+def _per_batch(name: str, label: str, value: float | torch.Tensor, batch: int) -> float | list[float] | torch.Tensor:
     """A coefficient as a Python float or a list of `batch` floats; while torch.compile
     traces, a tensor argument stays a float64 CPU tensor of shape (batch,) or (1,)."""
     if isinstance(value, torch.Tensor):
@@ -123,15 +161,15 @@ def _per_batch(name: str, label: str, value, batch: int):
     return float(value)
 
 
-def _sqrt(v):
+def _sqrt(v: float | torch.Tensor) -> float | torch.Tensor:
     return v.sqrt() if isinstance(v, torch.Tensor) else math.sqrt(v)
 
 
-def _nonnegative(v):
+def _nonnegative(v: float | torch.Tensor) -> float | torch.Tensor:
     return v.clamp(min=0) if isinstance(v, torch.Tensor) else max(v, 0.0)
 
 
-def _check_alpha_bar(name: str, label: str, v, *, allow_one: bool) -> None:
+def _check_alpha_bar(name: str, label: str, v: float | list[float] | torch.Tensor, *, allow_one: bool) -> None:
     if isinstance(v, torch.Tensor):
         return  # traced by torch.compile: a value check would break the graph; eager calls check
     values = v if isinstance(v, list) else [v]
@@ -140,7 +178,7 @@ def _check_alpha_bar(name: str, label: str, v, *, allow_one: bool) -> None:
         raise ValueError(f"{name}: {label} must lie in {bound} (NaN is invalid), got {values}")
 
 
-def _coefficients(row, *values) -> torch.Tensor:
+def _coefficients(row: Callable[..., list], *values) -> torch.Tensor:
     """The (1 or B, 6) float32 CPU rows of row(*values) (floats, lists of B floats, or
     float64 tensors while tracing) per batch element."""
     if any(isinstance(v, torch.Tensor) for v in values):
@@ -153,7 +191,7 @@ def _coefficients(row, *values) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float32)
 
 
-def _seed_or_random(seed):
+def _seed_or_random(seed: int | None) -> int:
     if seed is None:
         return int(torch.randint(0, 2**62, (1,)).item())
     return seed
@@ -161,8 +199,21 @@ def _seed_or_random(seed):
 
 # -- public ops ---------------------------------------------------------------------------------
 
-def ddim_step(x_t, eps, alpha_bar_t, alpha_bar_prev, *, eta=0.0, clip=False, seed=None, offset=0,
-              out=None, x0_out=None, backend=None):
+def _step_alpha_bars(name: str, x_t: torch.Tensor, alpha_bar_t: float | torch.Tensor,
+                     alpha_bar_prev: float | torch.Tensor) -> tuple:
+    """ab_t in (0, 1) and ab_prev in (0, 1] of a sampling step, as _per_batch gives them."""
+    batch = x_t.shape[0]
+    ab_t = _per_batch(name, "alpha_bar_t", alpha_bar_t, batch)
+    ab_prev = _per_batch(name, "alpha_bar_prev", alpha_bar_prev, batch)
+    _check_alpha_bar(name, "alpha_bar_t", ab_t, allow_one=False)
+    _check_alpha_bar(name, "alpha_bar_prev", ab_prev, allow_one=True)
+    return ab_t, ab_prev
+
+
+def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: float | torch.Tensor,
+              alpha_bar_prev: float | torch.Tensor, *, eta: float = 0.0, clip: bool = False, seed: int | None = None,
+              offset: int = 0, out: torch.Tensor | None = None, x0_out: torch.Tensor | None = None,
+              backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDIM step (Song et al. 2021) from x_t and the predicted noise eps.
 
         x0     = (x_t - sqrt(1 - ab_t) * eps) / sqrt(ab_t)        (clamped to [-1, 1] if clip)
@@ -179,11 +230,7 @@ def ddim_step(x_t, eps, alpha_bar_t, alpha_bar_prev, *, eta=0.0, clip=False, see
     check_tensor(name, "x_t", x_t, min_ndim=1)
     if not eta >= 0:
         raise ValueError(f"{name}: eta must be >= 0, got {eta}")
-    batch = x_t.shape[0]
-    ab_t = _per_batch(name, "alpha_bar_t", alpha_bar_t, batch)
-    ab_prev = _per_batch(name, "alpha_bar_prev", alpha_bar_prev, batch)
-    _check_alpha_bar(name, "alpha_bar_t", ab_t, allow_one=False)
-    _check_alpha_bar(name, "alpha_bar_prev", ab_prev, allow_one=True)
+    ab_t, ab_prev = _step_alpha_bars(name, x_t, alpha_bar_t, alpha_bar_prev)
 
     def row(ab_t, ab_prev):
         sqrt_ab, sqrt_1m_ab = _sqrt(ab_t), _sqrt(1 - ab_t)
@@ -200,8 +247,10 @@ def ddim_step(x_t, eps, alpha_bar_t, alpha_bar_prev, *, eta=0.0, clip=False, see
                          out=out, x0_out=x0_out, backend=backend)
 
 
-def ddpm_step(x_t, eps, alpha_bar_t, alpha_bar_prev, *, clip=True, variance="fixed_small",
-              seed=None, offset=0, out=None, x0_out=None, backend=None):
+def ddpm_step(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: float | torch.Tensor,
+              alpha_bar_prev: float | torch.Tensor, *, clip: bool = True, variance: str = "fixed_small",
+              seed: int | None = None, offset: int = 0, out: torch.Tensor | None = None,
+              x0_out: torch.Tensor | None = None, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One ancestral DDPM step (Ho et al. 2020) from x_t and the predicted noise eps.
 
         x0     = (x_t - sqrt(1 - ab_t) * eps) / sqrt(ab_t)        (clamped to [-1, 1] if clip)
@@ -216,11 +265,7 @@ def ddpm_step(x_t, eps, alpha_bar_t, alpha_bar_prev, *, clip=True, variance="fix
     check_tensor(name, "x_t", x_t, min_ndim=1)
     if variance not in ("fixed_small", "fixed_large"):
         raise ValueError(f"{name}: variance must be 'fixed_small' or 'fixed_large', got {variance!r}")
-    batch = x_t.shape[0]
-    ab_t = _per_batch(name, "alpha_bar_t", alpha_bar_t, batch)
-    ab_prev = _per_batch(name, "alpha_bar_prev", alpha_bar_prev, batch)
-    _check_alpha_bar(name, "alpha_bar_t", ab_t, allow_one=False)
-    _check_alpha_bar(name, "alpha_bar_prev", ab_prev, allow_one=True)
+    ab_t, ab_prev = _step_alpha_bars(name, x_t, alpha_bar_t, alpha_bar_prev)
 
     def row(ab_t, ab_prev):
         beta = _nonnegative(1 - ab_t / ab_prev)
@@ -236,7 +281,9 @@ def ddpm_step(x_t, eps, alpha_bar_t, alpha_bar_prev, *, clip=True, variance="fix
                          offset=offset, out=out, x0_out=x0_out, backend=backend)
 
 
-def q_sample(x0, alpha_bar, *, seed=None, offset=0, return_noise=True, out=None, backend=None):
+def q_sample(x0: torch.Tensor, alpha_bar: float | torch.Tensor, *, seed: int | None = None, offset: int = 0,
+             return_noise: bool = True, out: torch.Tensor | None = None,
+             backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
     """Forward noising for training: x_t = sqrt(ab) * x0 + sqrt(1 - ab) * z.
 
     x0: (B, ...) clean data; alpha_bar: float or B values in (0, 1). z is Philox noise keyed by
@@ -266,18 +313,17 @@ def q_sample(x0, alpha_bar, *, seed=None, offset=0, return_noise=True, out=None,
     return x_t, z
 
 
-def philox_normal(shape, seed, offset=0, *, dtype=torch.float32, device=None, backend=None):
+def philox_normal(shape: Sequence[int], seed: int, offset: int = 0, *, dtype: torch.dtype = torch.float32,
+                  device: torch.device | str | None = None, backend: str | None = None) -> torch.Tensor:
     """Standard normal noise of `shape`: element i (row-major) is z(seed, offset + i).
 
     The same (seed, offset) gives the same values on every backend and device (to the last
     bits of log/cos/sin), and the same noise that ddim_step / ddpm_step / q_sample draw.
     """
     name = "philox_normal"
-    check_seed_offset(name, seed, offset)
+    check_philox_normal(name, dtype, seed, offset)
     shape = tuple(int(s) for s in shape)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise TypeError(f"{name}: dtype must be a float dtype, got {dtype}")
     choice = OP.resolve(device, backend)
     if choice == "torch":
         numel = math.prod(shape)
@@ -291,16 +337,19 @@ def philox_normal(shape, seed, offset=0, *, dtype=torch.float32, device=None, ba
 
 # -- fake kernels -------------------------------------------------------------------------------
 
-def fake_noise_update(x, eps, coef, clip, add_noise, seed, offset, want_x0):
+def fake_noise_update(x: torch.Tensor, eps: torch.Tensor | None, coef: torch.Tensor, clip: bool, add_noise: bool,
+                      seed: int, offset: int, want_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
     x0 = torch.empty_like(x, memory_format=torch.contiguous_format) if want_x0 else x.new_empty((0,))
     return torch.empty_like(x, memory_format=torch.contiguous_format), x0
 
 
-def fake_noise_update_out(x, eps, coef, clip, add_noise, seed, offset, out, x0_out):
+def fake_noise_update_out(x: torch.Tensor, eps: torch.Tensor | None, coef: torch.Tensor, clip: bool,
+                          add_noise: bool, seed: int, offset: int, out: torch.Tensor,
+                          x0_out: torch.Tensor | None) -> None:
     return None
 
 
-def fake_philox_normal(like, seed, offset):
+def fake_philox_normal(like: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
     return torch.empty(like.shape, dtype=like.dtype, device=like.device)
 
 

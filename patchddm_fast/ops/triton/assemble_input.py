@@ -8,11 +8,11 @@ new patch positions.
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from ..coords import SPATIAL, check_arguments, fake_assemble_input
+from .._schemas import triton_op
+from ..assemble_input import SPATIAL, check_arguments, fake_assemble_input, fake_assemble_input_out
 
 BLOCK = 2048       # output elements per program
 MAX_GRID_Y = 65535  # CUDA's limit on the second grid axis (tiles of a plane)
@@ -87,18 +87,17 @@ def _launch(name, volume, offsets, x_t, patch_shape, coord_shape, out):
         HAS_X_T=x_t is not None, BLOCK_Y=block_y, BLOCK_X=block_x)
 
 
-@torch.library.custom_op("patchddm_triton::assemble_input", mutates_args=())
-def assemble_input(volume: torch.Tensor, offsets: torch.Tensor, x_t: torch.Tensor | None,
-                   patch_shape: list[int], coord_shape: list[int]) -> torch.Tensor:
+@triton_op("assemble_input")
+def assemble_input(volume, offsets, x_t, patch_shape, coord_shape):
     out = fake_assemble_input(volume, offsets, x_t, patch_shape, coord_shape)
     _launch("patchddm_triton::assemble_input", volume, offsets, x_t, patch_shape, coord_shape, out)
     return out
 
 
-@torch.library.custom_op("patchddm_triton::assemble_input_out", mutates_args=("out",))
-def assemble_input_out(volume: torch.Tensor, offsets: torch.Tensor, x_t: torch.Tensor | None,
-                       patch_shape: list[int], coord_shape: list[int], out: torch.Tensor) -> None:
+@triton_op("assemble_input_out")
+def assemble_input_out(volume, offsets, x_t, patch_shape, coord_shape, out):
     _launch("patchddm_triton::assemble_input_out", volume, offsets, x_t, patch_shape, coord_shape, out)
 
 
 assemble_input.register_fake(fake_assemble_input)
+assemble_input_out.register_fake(fake_assemble_input_out)

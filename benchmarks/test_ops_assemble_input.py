@@ -20,8 +20,8 @@ the bytes it moves, its bandwidth, its speedups over `eager` and `compile` and, 
 the fraction of `copy` bandwidth it reaches (from the fastest rounds, which other jobs on a
 shared machine disturb least), when those ran earlier in the session.
 
-    pytest benchmarks/test_ops_coords.py --benchmark-only
-    pytest benchmarks/test_ops_coords.py --benchmark-only --paper-scale
+    pytest benchmarks/test_ops_assemble_input.py --benchmark-only
+    pytest benchmarks/test_ops_assemble_input.py --benchmark-only --paper-scale
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import functools
 import pytest
 import torch
 
-from benchmarks.memory import cpu_peak_bytes, cuda_peak_bytes
+from benchmarks.workloads import check_then_time
 
 CHANNELS, X_T_CHANNELS = 4, 1
 SIZES = {  # case -> (small, paper): (volume size, patch size, patches)
@@ -118,24 +118,19 @@ def test_assemble_input(benchmark, bench_device, paper_scale, case, impl):
     if impl in OURS and backend not in op.available(device):
         pytest.fail(f"backend {backend} unavailable: {op.why_unavailable(backend, device)}")
     run = setup_run(case, impl, paper_scale, device)
-    if impl != "copy":  # check the result before timing it
+
+    def check():
+        if impl == "copy":
+            return
         volume, offsets, x_t, patch = make_inputs(case, paper_scale, device)
         expected = assemble_input_reference(volume, offsets, x_t, patch, volume.shape[2:])
         torch.testing.assert_close(run(), expected, atol=2**-23, rtol=0)  # linspace: to float32 rounding
-        del expected
-    if device == "cuda":
-        run()
-        peak = cuda_peak_bytes(run)
-        sync = torch.cuda.synchronize
 
-        def timed():
-            run()
-            sync()
-    else:
-        peak = cpu_peak_bytes("benchmarks.test_ops_coords:setup_run", case=case, impl=impl, paper=paper_scale)
-        timed = run
-    benchmark.group = f"assemble_input {case} {'paper' if paper_scale else 'small'} {device}"
-    benchmark.pedantic(timed, rounds=10 if paper_scale else 20, warmup_rounds=2)
+    peak = check_then_time(benchmark, run, device=device, check=check,
+                           group=f"assemble_input {case} {'paper' if paper_scale else 'small'} {device}",
+                           target="benchmarks.test_ops_assemble_input:setup_run",
+                           kwargs=dict(case=case, impl=impl, paper=paper_scale),
+                           rounds=10 if paper_scale else 20, warmup_rounds=2)
     seconds = benchmark.stats.stats.min  # robust to other jobs on a shared machine
     _SECONDS[(case, impl, paper_scale, device)] = seconds
     moved = moved_bytes(case, impl, paper_scale)

@@ -29,9 +29,9 @@ its bandwidth and its speedups over the baselines (`eager`, `eager-lean`, `compi
 `compile-lean`) that ran earlier in the session (from the fastest rounds, which other jobs on a shared machine
 disturb least). Threads: OMP_NUM_THREADS (torch's default).
 
-    pytest benchmarks/test_ops_noise.py --benchmark-only
-    OMP_NUM_THREADS=1 pytest benchmarks/test_ops_noise.py --benchmark-only
-    pytest benchmarks/test_ops_noise.py --benchmark-only --paper-scale
+    pytest benchmarks/test_ops_noise_update.py --benchmark-only
+    OMP_NUM_THREADS=1 pytest benchmarks/test_ops_noise_update.py --benchmark-only
+    pytest benchmarks/test_ops_noise_update.py --benchmark-only --paper-scale
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import functools
 import pytest
 import torch
 
-from benchmarks.memory import cpu_peak_bytes, cuda_peak_bytes
+from benchmarks.workloads import check_then_time
 
 OPS = ("ddim-eta0", "ddim-eta1", "ddpm", "q_sample", "philox")
 CASES = {"single": (1, 64, 256), "ensemble": (5, 40, 256)}  # batch, small size, paper size
@@ -273,22 +273,13 @@ def test_noise_update(benchmark, bench_device, paper_scale, op, case, impl):
     if impl in OURS and backend not in fast_op.available(device):
         pytest.fail(f"backend {backend} unavailable: {fast_op.why_unavailable(backend, device)}")
     run = setup_run(op, case, impl, paper_scale, device)
-    # check the result before timing it (eager-lean's ddim/ddpm and q_sample's eager outputs
-    # are checked through the eager sequence given the same noise)
-    check(op, impl, run(), expected_result(op, case, paper_scale, device))
-    if device == "cuda":
-        run()
-        peak = cuda_peak_bytes(run)
-        sync = torch.cuda.synchronize
-
-        def timed():
-            run()
-            sync()
-    else:
-        peak = cpu_peak_bytes("benchmarks.test_ops_noise:setup_run", op=op, case=case, impl=impl, paper=paper_scale)
-        timed = run
-    benchmark.group = f"noise {op} {case} {'paper' if paper_scale else 'small'} {device} {torch.get_num_threads()}t"
-    benchmark.pedantic(timed, rounds=10 if paper_scale else 50, warmup_rounds=2)
+    # the result is checked before it is timed (eager-lean's ddim/ddpm and q_sample's eager
+    # outputs through the eager sequence given the same noise)
+    peak = check_then_time(
+        benchmark, run, device=device, check=lambda: check(op, impl, run(), expected_result(op, case, paper_scale, device)),
+        group=f"noise {op} {case} {'paper' if paper_scale else 'small'} {device} {torch.get_num_threads()}t",
+        target="benchmarks.test_ops_noise_update:setup_run", kwargs=dict(op=op, case=case, impl=impl, paper=paper_scale),
+        rounds=10 if paper_scale else 50, warmup_rounds=2)
     seconds = benchmark.stats.stats.min  # robust to other jobs on a shared machine
     key = (op, case, paper_scale, device)
     _SECONDS[key + (impl,)] = seconds

@@ -24,7 +24,7 @@ from .._extension import EXTENSION
 from ._backends import FastOp
 from ._checks import check_like, check_tensor, opmath_dtype
 
-OP = FastOp("assemble_input", native="assemble_input", triton_module="coords")
+OP = FastOp("assemble_input", native="assemble_input")
 SPATIAL = 3
 # Numerator and denominator of a coordinate stay exact in float32 up to this grid size.
 MAX_COORD_SIZE = 2**23
@@ -78,7 +78,9 @@ def coord_encoding(patch_shape: Sequence[int], offset: Sequence[int], full_shape
     return torch.stack(axes)
 
 
-def assemble_input_reference(volume, offsets, x_t, patch_shape, coord_shape):
+def assemble_input_reference(volume: torch.Tensor, offsets: torch.Tensor | Sequence[Sequence[int]],
+                             x_t: torch.Tensor | None, patch_shape: Sequence[int],
+                             coord_shape: Sequence[int]) -> torch.Tensor:
     """Plain-PyTorch assemble_input (crop, coordinates, x_t, torch.cat): the test oracle.
 
     volume (B or 1, C, D, H, W); offsets: (B, 3) integer tensor or rows of 3 ints.
@@ -99,7 +101,7 @@ def assemble_input_reference(volume, offsets, x_t, patch_shape, coord_shape):
     return torch.stack(parts)
 
 
-def _offset_table(name, offsets) -> tuple[torch.Tensor, list[tuple[int, ...]] | None]:
+def _offset_table(name: str, offsets) -> tuple[torch.Tensor, list[tuple[int, ...]] | None]:
     """offsets as the ops take them, a (B, 3) CPU int64 tensor, and as rows of Python ints.
 
     The rows are None only under torch.compile for a tensor argument: reading its values
@@ -128,9 +130,12 @@ def _offset_table(name, offsets) -> tuple[torch.Tensor, list[tuple[int, ...]] | 
     return torch.tensor(rows, dtype=torch.int64).reshape(len(rows), SPATIAL), rows
 
 
-def check_arguments(name, volume, table, rows, x_t, patch, coords, out=None) -> None:
-    """The checks of the op level (the C++ kernels make the same): table is the (B, 3) CPU
-    int64 offsets tensor, rows its values (None: not read), patch and coords triples."""
+def check_arguments(name: str, volume: torch.Tensor, table: torch.Tensor, rows: list[tuple[int, ...]] | None,
+                    x_t: torch.Tensor | None, patch: tuple[int, int, int], coords: tuple[int, int, int],
+                    out: torch.Tensor | None = None) -> None:
+    """The checks of every assemble_input backend (csrc/assemble_input_args.h makes the same for
+    the C++ and CUDA kernels): table is the (B, 3) CPU int64 offsets tensor, rows its values
+    (None: not read), patch and coords triples."""
     check_tensor(name, "volume", volume, ndim=5)
     if not (isinstance(table, torch.Tensor) and table.device.type == "cpu" and table.dtype == torch.int64
             and table.dim() == 2 and table.shape[1] == SPATIAL):
@@ -168,8 +173,10 @@ def check_arguments(name, volume, table, rows, x_t, patch, coords, out=None) -> 
                              + ("" if x_t is not None else " (or more channels, left untouched)"))
 
 
-def assemble_input(volume, offsets, x_t=None, patch_shape=None, *, coord_shape=None, out=None,
-                   backend=None):
+def assemble_input(volume: torch.Tensor, offsets: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
+                   x_t: torch.Tensor | None = None, patch_shape: Sequence[int] | None = None, *,
+                   coord_shape: Sequence[int] | None = None, out: torch.Tensor | None = None,
+                   backend: str | None = None) -> torch.Tensor:
     """The model input [image crop, 3 coordinate channels, x_t] of each patch, in one pass.
 
     volume: (B, C, D, H, W) or (C, D, H, W) full (padded) volumes; one volume serves all
@@ -212,13 +219,15 @@ def assemble_input(volume, offsets, x_t=None, patch_shape=None, *, coord_shape=N
     return out
 
 
-def fake_assemble_input(volume, offsets, x_t, patch_shape, coord_shape):
+def fake_assemble_input(volume: torch.Tensor, offsets: torch.Tensor, x_t: torch.Tensor | None,
+                        patch_shape: list[int], coord_shape: list[int]) -> torch.Tensor:
     extra = x_t.shape[1] if x_t is not None else 0
     shape = (offsets.shape[0], volume.shape[1] + SPATIAL + extra) + tuple(patch_shape)
     return volume.new_empty(shape)
 
 
-def fake_assemble_input_out(volume, offsets, x_t, patch_shape, coord_shape, out):
+def fake_assemble_input_out(volume: torch.Tensor, offsets: torch.Tensor, x_t: torch.Tensor | None,
+                            patch_shape: list[int], coord_shape: list[int], out: torch.Tensor) -> None:
     return None
 
 

@@ -18,8 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..noise import NCOEF, _is_batch_strided, fake_noise_update, fake_noise_update_out, fake_philox_normal
-from ..philox import check_seed_offset
+from .._schemas import triton_op
+from ..noise_update import (NCOEF, check_arguments, check_philox_normal, fake_noise_update, fake_noise_update_out,
+                            fake_philox_normal)
 
 GROUPS = 256          # Philox groups per program: 1024 elements
 MAX_GRID_ROWS = 65535  # CUDA's limit on the second grid axis (batch elements per launch)
@@ -193,32 +194,6 @@ def _halves(value: int) -> tuple[int, int]:
     return as_int32(value & 0xFFFFFFFF), as_int32((value >> 32) & 0xFFFFFFFF)
 
 
-def _check(name, x, eps, coef, add_noise, seed, offset, outputs):
-    """The checks of the compiled ops (csrc/noise_update_args.h), for direct calls."""
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise TypeError(f"{name}: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
-    if x.dim() < 1:
-        raise ValueError(f"{name}: x must have a batch dimension, got a 0-dimensional tensor")
-    labelled = [("x", x)] + ([("eps", eps)] if eps is not None else []) + outputs
-    for label, t in labelled:
-        if t.device != x.device:
-            raise ValueError(f"{name}: {label} is on {t.device} but the other inputs are on {x.device}")
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name}: {label} has dtype {t.dtype}, expected {x.dtype}")
-        if t.shape != x.shape:
-            raise ValueError(f"{name}: {label} has shape {tuple(t.shape)}, expected {tuple(x.shape)}")
-        if not _is_batch_strided(t):
-            raise ValueError(f"{name}: {label} must be contiguous within each batch element "
-                             f"({label}[b].is_contiguous()); got shape {tuple(t.shape)} and strides {t.stride()}")
-    batch = x.shape[0]
-    if (coef.device not in (x.device, torch.device("cpu")) or coef.dtype not in (torch.float32, torch.float64)
-            or coef.dim() != 2 or coef.shape[1] != NCOEF or coef.shape[0] not in (1, batch)):
-        raise ValueError(f"{name}: coef must have shape (1, 6) or (B, 6) with B = {batch}, float32 or float64, "
-                         f"on the CPU or {x.device}; got shape {tuple(coef.shape)}, {coef.dtype}, on {coef.device}")
-    if add_noise:
-        check_seed_offset(name, seed, offset)
-
-
 def _launch(x, eps, coef, clip, add_noise, seed, offset, out, x0_out):
     batch = x.shape[0]
     if x.numel() == 0:
@@ -243,33 +218,24 @@ def _launch(x, eps, coef, clip, add_noise, seed, offset, out, x0_out):
             IS_F64=x.dtype == torch.float64, ALIGNED=aligned, GROUPS=GROUPS)
 
 
-@torch.library.custom_op("patchddm_triton::noise_update", mutates_args=())
-def noise_update(x: torch.Tensor, eps: torch.Tensor | None, coef: torch.Tensor, clip: bool, add_noise: bool,
-                 seed: int, offset: int, want_x0: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    name = "patchddm_triton::noise_update"
-    _check(name, x, eps, coef, add_noise, seed, offset, [])
+@triton_op("noise_update")
+def noise_update(x, eps, coef, clip, add_noise, seed, offset, want_x0):
+    check_arguments("patchddm_triton::noise_update", x, eps, coef, add_noise, seed, offset, kernel_layout=True)
     out, x0 = fake_noise_update(x, eps, coef, clip, add_noise, seed, offset, want_x0)
     _launch(x, eps, coef, clip, add_noise, seed, offset, out, x0 if want_x0 else None)
     return out, x0
 
 
-@torch.library.custom_op("patchddm_triton::noise_update_out", mutates_args=("out", "x0_out"))
-def noise_update_out(x: torch.Tensor, eps: torch.Tensor | None, coef: torch.Tensor, clip: bool, add_noise: bool,
-                     seed: int, offset: int, out: torch.Tensor, x0_out: torch.Tensor | None) -> None:
-    name = "patchddm_triton::noise_update_out"
-    outputs = [("out", out)] + ([("x0_out", x0_out)] if x0_out is not None else [])
-    _check(name, x, eps, coef, add_noise, seed, offset, outputs)
-    if x0_out is not None and out.data_ptr() == x0_out.data_ptr() and out.numel():
-        raise ValueError(f"{name}: out and x0_out must be different tensors")
+@triton_op("noise_update_out")
+def noise_update_out(x, eps, coef, clip, add_noise, seed, offset, out, x0_out):
+    check_arguments("patchddm_triton::noise_update_out", x, eps, coef, add_noise, seed, offset, out, x0_out,
+                    kernel_layout=True)
     _launch(x, eps, coef, clip, add_noise, seed, offset, out, x0_out)
 
 
-@torch.library.custom_op("patchddm_triton::philox_normal", mutates_args=())
-def philox_normal(like: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
-    name = "patchddm_triton::philox_normal"
-    if like.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise TypeError(f"{name}: like must be float32, float16, bfloat16 or float64, got {like.dtype}")
-    check_seed_offset(name, seed, offset)
+@triton_op("philox_normal")
+def philox_normal(like, seed, offset):
+    check_philox_normal("patchddm_triton::philox_normal", like.dtype, seed, offset)
     out = torch.empty(like.shape, dtype=like.dtype, device=like.device)
     n = out.numel()
     if n:
