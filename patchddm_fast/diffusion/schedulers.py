@@ -577,7 +577,9 @@ class DDIMScheduler(_Scheduler):
         eta = self.eta if eta is None else float(eta)
         if not eta >= 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
-        rederive = self.config.use_clipped_model_output if use_clipped_model_output is None else use_clipped_model_output
+        rederive = use_clipped_model_output
+        if rederive is None:
+            rederive = self.config.use_clipped_model_output
         model_output = _like(model_output, sample)
         t = _timestep(timestep, self.num_train_timesteps)
         ab_t, ab_prev, _ = self._alpha_bars(t)
