@@ -188,9 +188,10 @@ def default_offset(timestep, numel: int, num_train_timesteps: int, member: int =
 
 def betas_from_config(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
                       trained_betas) -> NoiseSchedule:
-    """The schedule diffusers builds from these arguments. Its linear and scaled_linear betas
-    are float32 linspaces (kept bit for bit, then used in float64); explicit ends are never
-    scaled by 1000 / T (guided-diffusion's named schedule: NoiseSchedule.from_name)."""
+    """The schedule diffusers builds from these arguments: float32 betas (kept bit for bit, then
+    used in float64), so a scheduler given by keyword differs from one given a float64
+    NoiseSchedule by float32 rounding of the betas. Explicit ends are never scaled by 1000 / T
+    (guided-diffusion's named schedule: NoiseSchedule.from_name)."""
     if trained_betas is not None:
         return NoiseSchedule(torch.as_tensor(np.asarray(trained_betas, dtype=np.float64)), "custom")
     T = num_train_timesteps
@@ -201,8 +202,8 @@ def betas_from_config(num_train_timesteps: int, beta_start: float, beta_end: flo
     if beta_schedule == "scaled_linear":
         roots = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float32)
         return NoiseSchedule(roots ** 2, "scaled_linear")
-    if beta_schedule in ("squaredcos_cap_v2", "cosine"):
-        return NoiseSchedule.cosine(int(T))
+    if beta_schedule in ("squaredcos_cap_v2", "cosine"):  # diffusers rounds these float64 betas to float32
+        return NoiseSchedule(NoiseSchedule.cosine(int(T)).betas.float(), "cosine")
     raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}")
 
 
@@ -227,6 +228,9 @@ class _Scheduler:
                             f"e.g. {type(self).__name__}(num_train_timesteps=1000)")
         defaults = {**self._diffusers_defaults, **(self._patchddm_defaults if patchddm_form else {})}
         config = {k: (defaults[k] if v is None and k in defaults else v) for k, v in settings.items()}
+        # as diffusers: the settings left at their defaults, which from_config does not carry over
+        # to another class (so a DPM-Solver built from a DDPM config keeps its own defaults)
+        unset = sorted(k for k, v in settings.items() if v is None and k in self._diffusers_defaults)
         for name, allowed in _UNSUPPORTED.items():
             if config.pop(name, allowed) != allowed:
                 raise ValueError(f"{type(self).__name__}: {name}={not allowed} is not supported")
@@ -256,7 +260,9 @@ class _Scheduler:
             raise ValueError(f"steps_offset must be an int >= 0, got {offset!r}")
         if "clip_sample_range" in config and not config["clip_sample_range"] > 0:
             raise ValueError(f"clip_sample_range must be > 0, got {config['clip_sample_range']!r}")
-        self.config = SchedulerConfig(config)
+        if patchddm_form:
+            unset = [k for k in unset if k not in _SCHEDULE_SETTINGS]
+        self.config = SchedulerConfig(config, _use_default_values=unset)
         # before set_timesteps: every training timestep, descending (diffusers' initial list)
         self._use_timesteps(np.arange(self.num_train_timesteps)[::-1], custom=False)
 
@@ -267,8 +273,9 @@ class _Scheduler:
         """A scheduler of this class from another's config (diffusers' idiom for switching
         schedulers); settings this class does not take are left out."""
         accepted = inspect.signature(cls.__init__).parameters
-        merged = {**{k: v for k, v in dict(config).items() if k in accepted}, **changes}
-        return cls(**merged)
+        defaulted = set(config.get("_use_default_values", ()))
+        given = {k: v for k, v in dict(config).items() if k in accepted and k not in defaulted}
+        return cls(**{**given, **changes})
 
     # diffusers' attribute names
     @property
