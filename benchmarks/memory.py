@@ -20,13 +20,11 @@ inputs (not counted), run() does the work (counted).
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 import json
 import os
 import subprocess
 import sys
-import weakref
 
 import torch
 
@@ -82,38 +80,13 @@ def held_bytes(objects) -> int:
     return sum(t.untyped_storage().nbytes() for t in held_tensors(objects))
 
 
-@functools.lru_cache(maxsize=1)
-def _storage_tracker_type():
+def storage_tracker(external=()):
+    """A live-tensor tracker that also counts fake tensors (a TorchDispatchMode: `with
+    tracker: ...`, then tracker.peak)."""
     # Imported here: patchddm_fast.diffusion pulls in tqdm, which a bare GPU machine may lack.
     from patchddm_fast.diffusion.memory import LiveTensorBytes
 
-    class StorageTracker(LiveTensorBytes):
-        """LiveTensorBytes keyed by storage identity instead of data pointer: fake and meta
-        tensors (whose data pointer is 0) are counted like real ones."""
-
-        def __init__(self, external=()):
-            super().__init__()
-            self.external = {t.untyped_storage()._cdata for t in external if isinstance(t, torch.Tensor)}
-
-        def _track(self, t: torch.Tensor) -> None:
-            storage = t.untyped_storage()
-            key = storage._cdata
-            if key in self.external:
-                return
-            if key not in self.refs:
-                self.refs[key] = 0
-                self.sizes[key] = storage.nbytes()
-                self.current += self.sizes[key]
-                self.peak = max(self.peak, self.current)
-            self.refs[key] += 1
-            weakref.finalize(t, self._release, key)
-
-    return StorageTracker
-
-
-def storage_tracker(external=()):
-    """A live-tensor tracker (a TorchDispatchMode: `with tracker: ...`, then tracker.peak)."""
-    return _storage_tracker_type()(external)
+    return LiveTensorBytes(external, fake_tensors=True)
 
 
 def tensor_peak_bytes(run) -> dict:

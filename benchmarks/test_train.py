@@ -8,7 +8,7 @@ AdamW step).
   the plain-PyTorch U-Net (fused=False), float32;
 - ours: the trainer's path: PatchDataset items from its shared volume cache (crop, coordinates
   and the x_t slot written in one pass by assemble_input), the fused q_sample writing x_t in
-  place, the fused U-Net, float32 (the trainer's objective.noise_prediction_loss);
+  place, the fused U-Net, float32 (the trainer's diffusion_loss, one noise key per sample);
 - ours-bf16 / ours-bf16-cheap (paper scale only): the same under bf16 autocast, and with the
   "cheap" activation checkpointing.
 
@@ -63,7 +63,8 @@ def setup_step(variant: str, preset: str, patch: int, batch: int, device: str = 
     from patchddm_fast.data import PatchDataset
     from patchddm_fast.diffusion import NoiseSchedule
     from patchddm_fast.nn import PRESETS, UNet3D
-    from patchddm_fast.train.objective import noise_prediction_loss, sample_draws
+    from patchddm_fast.diffusion import diffusion_loss
+    from patchddm_fast.train.objective import sample_draws
 
     ours, dtype, checkpoint = VARIANTS[variant]
     shape, volume = SIZES[patch]
@@ -85,8 +86,8 @@ def setup_step(variant: str, preset: str, patch: int, batch: int, device: str = 
             inputs = samples.input.to(device, non_blocking=True)
             mask = samples.mask.to(device, non_blocking=True)
             timesteps, seeds = sample_draws(0, range(first, first + batch), schedule.num_timesteps)
-            autocast = torch.autocast(device, dtype=dtype) if dtype is not None else None
-            loss = noise_prediction_loss(model, inputs, mask, schedule, timesteps, seeds, autocast)
+            loss = diffusion_loss(model, inputs, mask, schedule, timesteps=timesteps, seed=seeds,
+                                  precision=dtype or torch.float32)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

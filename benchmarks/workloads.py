@@ -268,7 +268,8 @@ def full_volume_sampling(variant: str = "ours", preset: str = "small", size=32, 
     volume = torch.randn((1, 4) + shape, generator=generator).to(device)
 
     if variant == "ours":
-        sampler = FullVolumeSampler(model, steps=steps, ensemble_size=members, precision=precision, progress=False)
+        sampler = FullVolumeSampler(model, scheduler=DDIMScheduler().set_timesteps(steps), ensemble_size=members,
+                                    precision=precision, progress=False)
         sampler.plan(volume)  # measures its memory per voxel once per sampler: setup, not sampling
 
         def run():

@@ -53,7 +53,8 @@ class CaseScore:
 
 
 @dataclass
-class Evaluation:
+class FolderScores:
+    """Scores of the cases of a prediction folder, and the case ids only one side has."""
     scores: list[CaseScore]
     predictions_without_truth: list[str] = field(default_factory=list)
     truths_without_prediction: list[str] = field(default_factory=list)
@@ -184,7 +185,8 @@ def score_case(case_id: str, prediction: Path, truth: Path) -> CaseScore:
     return score
 
 
-def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, *, progress: bool = False) -> Evaluation:
+def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, *,
+                     progress: bool = False) -> FolderScores:
     """Scores every prediction that has a ground truth. Raises DataError when a folder is
     missing or no case has both."""
     predictions, notes = find_predictions(pred_dir)
@@ -203,7 +205,7 @@ def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, *, 
         for s in scores:
             if s.case_id == case_id:
                 s.warnings.append(note.split(": ", 1)[1])
-    return Evaluation(scores, sorted(set(predictions) - set(truths)), sorted(set(truths) - set(predictions)))
+    return FolderScores(scores, sorted(set(predictions) - set(truths)), sorted(set(truths) - set(predictions)))
 
 
 # -- output -----------------------------------------------------------------------------------
@@ -212,7 +214,7 @@ def _number(value: float, digits: int) -> str:
     return "nan" if math.isnan(value) else f"{value:.{digits}f}"
 
 
-def format_table(evaluation: Evaluation) -> str:
+def format_table(evaluation: FolderScores) -> str:
     """The per-case scores and the summary as a plain-text table."""
     width = max([len("median")] + [len(s.case_id) for s in evaluation.scores])
     lines = [f"{'case':<{width}}  {'Dice':>7}  {'HD95 mm':>8}  note", "-" * (width + 30)]
@@ -228,7 +230,7 @@ def format_table(evaluation: Evaluation) -> str:
     return "\n".join(lines)
 
 
-def write_csv(evaluation: Evaluation, path: str | os.PathLike) -> Path:
+def write_csv(evaluation: FolderScores, path: str | os.PathLike) -> Path:
     """One row per case (case, dice, hd95_mm, error), then rows mean, std and median (as BraTS's
     evaluation CSVs end). Written atomically."""
     path = Path(path)
@@ -245,3 +247,7 @@ def write_csv(evaluation: Evaluation, path: str | os.PathLike) -> Path:
                              _number(summary["hd95"][statistic], 4), ""])
     os.replace(partial, path)
     return path
+
+
+__all__ = ["CaseScore", "FolderScores", "evaluate_folders", "find_predictions", "find_truths", "format_table",
+           "read_mask", "score_case", "summarise", "write_csv"]

@@ -130,6 +130,27 @@ def test_storage_tracker_counts_live_tensors_once():
     del c
 
 
+@pytest.mark.parametrize("train", [False, True], ids=["forward", "train"])
+def test_the_tracker_counts_real_tensors_alike_by_address_and_by_identity(train):
+    """The fake-tensor counts above are compared with real runs counted by identity; the
+    sampler's memory plan counts by address: on real tensors both keys give the same bytes."""
+    from patchddm_fast.diffusion.memory import LiveTensorBytes
+
+    model = _model(True).train(train)
+    x, t = torch.randn(1, 8, 16, 8, 8), torch.tensor([5])
+    peaks = []
+    for fake_tensors in (False, True):
+        external = [x, t, *model.parameters(), *model.buffers()]
+        with LiveTensorBytes(external, fake_tensors=fake_tensors) as tracker, torch.set_grad_enabled(train):
+            out = model(x, t)
+            if train:
+                out.square().mean().backward()
+            del out
+        model.zero_grad(set_to_none=True)
+        peaks.append((tracker.peak, tracker.current))
+    assert peaks[0] == peaks[1] and peaks[0][0] > 0
+
+
 def test_held_bytes_counts_each_storage_once():
     layer = torch.nn.Linear(10, 4)
     layer(torch.randn(3, 10)).sum().backward()

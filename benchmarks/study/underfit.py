@@ -12,92 +12,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from patchddm_fast.data import find_cases, prepare_case, split_cases
-from patchddm_fast.diffusion import NoiseSchedule
+from patchddm_fast.data import find_cases, split_cases
 from patchddm_fast.metrics import dice
-from patchddm_fast.ops import philox_normal, q_sample
+from patchddm_fast.ops import q_sample
+from patchddm_fast.baseline import FlairThreshold
+from patchddm_fast.diffusion.schedulers import predicted_noise
 from patchddm_fast.train import checkpoints as ckpt
-from patchddm_fast.train import trainer as trainer_module
-from patchddm_fast.train.demo import demo_recipe
+from patchddm_fast.demo import RECIPE, train_config
+from patchddm_fast.data import write_phantoms
 from patchddm_fast.train.trainer import train
 from patchddm_fast.train.validation import Validator
 
 
-def targets(kind, mask, noise, alpha_bar):
-    a = alpha_bar.sqrt().view(-1, 1, 1, 1, 1).float()
-    s = (1 - alpha_bar).sqrt().view(-1, 1, 1, 1, 1).float()
-    if kind == "eps":
-        return noise
-    if kind == "x0":
-        return mask
-    if kind == "v":
-        return a * noise - s * mask
-    raise ValueError(kind)
-
-
-def make_loss(kind, scale):
-    def loss_fn(model, model_input, mask, schedule, timesteps, seeds, autocast=None):
-        alpha_bar = schedule.alpha_bar(timesteps)
-        x_t = model_input[:, -mask.shape[1]:]
-        x0 = mask.to(model_input.dtype) * scale[0] + scale[1]
-        for b in range(mask.shape[0]):
-            q_sample(x0[b:b + 1], alpha_bar[b:b + 1], seed=seeds[b], return_noise=False, out=x_t[b:b + 1])
-        if autocast is None:
-            prediction = model(model_input, timesteps)
-        else:
-            with autocast:
-                prediction = model(model_input, timesteps)
-        noise = torch.cat([philox_normal((1,) + tuple(mask.shape[1:]), s) for s in seeds])
-        target = targets(kind, x0.float(), noise, alpha_bar)
-        return F.mse_loss(prediction.float(), target)
-    return loss_fn
-
-
-class AsEpsilon(torch.nn.Module):
-    """A network predicting x0 or v, seen by the samplers as one that predicts the noise."""
-
-    def __init__(self, inner, kind, schedule, scale):
-        super().__init__()
-        self.inner, self.kind, self.scale = inner, kind, scale
-        self.config = inner.config
-        self.register_buffer("ab", schedule.alphas_cumprod.float(), persistent=False)
-
-    def forward(self, x, t):
-        out = self.inner(x, t).float()
-        if self.kind == "eps":
-            return out
-        x_t = x[:, -1:].float()
-        ab = self.ab[t.long()].view(-1, 1, 1, 1, 1)
-        a, s = ab.sqrt(), (1 - ab).sqrt()
-        if self.kind == "x0":
-            x0 = out
-        else:  # v
-            x0 = a * x_t - s * out
-        x0 = x0.clamp(-1, 1)
-        return (x_t - a * x0) / s
-
-
-def flair_threshold(train_cases, eval_cases, volume_shape):
-    """One threshold on the normalised FLAIR (channel 3), tuned for Dice on the training cases."""
-    def arrays(cases):
-        out = []
-        for c in cases:
-            p = prepare_case(c, volume_shape)
-            out.append((p.image[3].numpy(), (p.label.numpy() > 0)))
-        return out
-    train = arrays(train_cases)
-    grid = np.linspace(-1, 1, 81)
-    scores = [np.mean([dice(f > g, m) for f, m in train]) for g in grid]
-    best = float(grid[int(np.argmax(scores))])
-    return best, {c.case_id: float(dice(f > best, m)) for c, (f, m) in zip(eval_cases, arrays(eval_cases))}
+KINDS = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 
 
 def x0_error_by_band(model, kind, scale, dataset, schedule, n=8):
@@ -117,8 +50,8 @@ def x0_error_by_band(model, kind, scale, dataset, schedule, n=8):
                 ab = schedule.alpha_bar(t)
                 x0 = mask * scale[0] + scale[1]
                 q_sample(x0, ab, seed=int(rng.integers(0, 2**31)), return_noise=False, out=x[:, -1:])
-                eps = AsEpsilon(model, kind, schedule, scale)(x, t)
                 a, s = float(ab.sqrt()), float((1 - ab).sqrt())
+                eps = predicted_noise(model(x, t).float(), x[:, -1:], float(ab), KINDS[kind], True)
                 pred = ((x[:, -1:] - s * eps) / a).clamp(-1, 1)
                 errs.append(float(((pred - x0) ** 2).mean()))
                 pm = (pred - scale[1]) / scale[0] > 0.5
@@ -144,26 +77,30 @@ def main():
     p.add_argument("--ensemble", type=int, default=3)
     p.add_argument("--precision", default=None)
     p.add_argument("--phantom-seed", type=int, default=0)
+    p.add_argument("--channels-last", type=int, default=1, help="1: channels_last_3d (same math, faster on CPUs)")
+    p.add_argument("--lr-schedule", default=None)
+    p.add_argument("--warmup", type=int, default=None)
     args = p.parse_args()
 
     out = Path(args.out)
-    recipe = demo_recipe().replace(phantom_seed=args.phantom_seed)
+    recipe = RECIPE.replace(phantom_seed=args.phantom_seed)
     data = Path(args.data) if args.data else out.parent / f"phantoms{args.phantom_seed}"
     if not (data / ".complete").exists():
-        recipe.write_phantoms(data)
+        write_phantoms(data, n=recipe.cases, shape=(recipe.size,) * 3, seed=recipe.phantom_seed)
         (data / ".complete").write_text("")
     scale = (1.0, 0.0)  # x0 = mask in {0, 1}, as the original
-    trainer_module.noise_prediction_loss = make_loss(args.variant, scale)
     overrides = {k: v for k, v in dict(lr=args.lr, batch_size=args.batch, ema=args.ema, width=args.width,
-                                        patch=args.patch, precision=args.precision).items() if v is not None}
-    config = recipe.train_config(data, out / "model", steps=args.steps, num_workers=0, **overrides)
+                                        patch=args.patch, precision=args.precision, lr_schedule=args.lr_schedule,
+                                        warmup_steps=args.warmup).items() if v is not None}
+    overrides["channels_last"] = bool(args.channels_last)
+    overrides["prediction_type"] = KINDS[args.variant]
+    config = train_config(recipe, data, out / "model", steps=args.steps, num_workers=0, **overrides)
     wall, cpu = time.perf_counter(), time.process_time()
     result = train(config, progress=False)
     train_wall, train_cpu = time.perf_counter() - wall, time.process_time() - cpu
 
-    model, info = ckpt.load_trained_model(result.checkpoint)
-    schedule = ckpt.make_schedule(info["schedule"])
-    wrapped = AsEpsilon(model, args.variant, schedule, scale).eval()
+    model, info = ckpt.load_trained_model(result.checkpoint, channels_last=bool(args.channels_last))
+    schedule = info.schedule
     cases, _ = find_cases(data)
     parts = split_cases(cases)
     held_out = parts["validation"] + parts["test"]
@@ -173,18 +110,19 @@ def main():
 
     for name, subset in (("held_out", held_out), ("train4", train_four)):
         wall = time.perf_counter()
-        validator = Validator(subset, info["volume_shape"], steps=args.sample_steps, ensemble=args.ensemble,
-                              schedule=schedule, seed=0)
-        evaluation = validator.evaluate(wrapped)
+        validator = Validator(subset, info.volume_shape, steps=args.sample_steps, ensemble=args.ensemble,
+                              schedule=schedule, seed=0, prediction_type=KINDS[args.variant])
+        evaluation = validator.evaluate(model)
         report[name] = {k: round(v, 4) for k, v in evaluation.cases.items()}
         report[f"{name}_mean"] = round(float(np.mean(list(evaluation.cases.values()))), 4)
         report[f"{name}_s"] = round(time.perf_counter() - wall, 1)
-    threshold, baseline = flair_threshold(parts["train"], held_out, info["volume_shape"])
-    report["flair_threshold"] = threshold
+    rule = FlairThreshold.fit(parts["train"])
+    baseline = rule.score(held_out)
+    report["flair_threshold"] = rule.threshold
     report["flair_held_out"] = {k: round(v, 4) for k, v in baseline.items()}
     report["flair_held_out_mean"] = round(float(np.mean(list(baseline.values()))), 4)
     from patchddm_fast.data import PatchDataset
-    dataset = PatchDataset(parts["train"], patch_shape=info["patch_shape"], volume_shape=info["volume_shape"],
+    dataset = PatchDataset(parts["train"], patch_shape=info.patch_shape, volume_shape=info.volume_shape,
                            seed=99, cache_bytes=0)
     report["x0_by_t"] = x0_error_by_band(model, args.variant, scale, dataset, schedule)
     (out / "report.json").write_text(json.dumps(report, indent=1))

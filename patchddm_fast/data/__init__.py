@@ -15,22 +15,19 @@ Full volumes for sampling: `prepare_case(case)` gives the padded image and a met
 outputs back on the case's original grid (`prepared.meta.save(path, volume)`).
 """
 
-from .layout import (LABEL, SEQUENCES, CaseError, CaseFiles, DataError, DatasetReport, Problem, find_cases,
-                     sequence_of)
-from .loader import PAPER_PATCH, PatchDataset, VolumeCache, make_patch_loader
-from .nifti import BRATS_LABELS, MAX_VOXELS, RawCase, load_case, read_header, write_nifti
-from .patches import PatchSample, StreamSampler, offset_ranges, sample_offset
-from .phantoms import PhantomConfig, generate_phantom, write_phantoms
-from .preprocess import (PAPER_VOLUME, CaseMeta, Padding, PreparedCase, normalise_sequence, prepare_case,
-                         prepare_raw)
-from .regions import REGIONS, brats_regions, whole_tumour
-from .split import Split, make_split, paper_split, split_cases
+# The user-facing names; the rest (sequence names, patch sampling, split internals) stay in
+# their modules (e.g. patchddm_fast.data.patches.sample_offset).
+from .layout import CaseError, CaseFiles, DataError, DatasetReport, find_cases
+from .loader import PAPER_PATCH, PatchDataset, make_patch_loader
+from .nifti import RawCase, load_case, write_nifti
+from .phantoms import generate_phantom, write_phantoms
+from .preprocess import PAPER_VOLUME, CaseMeta, PreparedCase, prepare_case, prepare_raw
+from .regions import brats_regions, whole_tumour
+from .split import split_cases
 
 __all__ = [
-    "BRATS_LABELS", "LABEL", "MAX_VOXELS", "PAPER_PATCH", "PAPER_VOLUME", "REGIONS", "SEQUENCES", "CaseError",
-    "CaseFiles", "CaseMeta", "DataError", "DatasetReport", "Padding", "PatchDataset", "PatchSample",
-    "PhantomConfig", "PreparedCase", "Problem", "RawCase", "Split", "StreamSampler", "VolumeCache",
-    "brats_regions", "find_cases", "generate_phantom", "load_case", "make_patch_loader", "make_split",
-    "normalise_sequence", "offset_ranges", "paper_split", "prepare_case", "prepare_raw", "read_header",
-    "sample_offset", "sequence_of", "split_cases", "whole_tumour", "write_nifti", "write_phantoms",
+    "PAPER_PATCH", "PAPER_VOLUME", "CaseError", "CaseFiles", "CaseMeta", "DataError", "DatasetReport",
+    "PatchDataset", "PreparedCase", "RawCase", "brats_regions", "find_cases", "generate_phantom", "load_case",
+    "make_patch_loader", "prepare_case", "prepare_raw", "split_cases", "whole_tumour", "write_nifti",
+    "write_phantoms",
 ]

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from .._meminfo import available_memory
 from ..ops import assemble_input
 from .layout import SEQUENCES, CaseError, CaseFiles, DataError, DatasetReport
 from .nifti import load_case
@@ -35,18 +36,6 @@ from .preprocess import DEFAULT_PERCENTILES, PAPER_VOLUME, as_shape, prepare_raw
 logger = logging.getLogger("patchddm_fast")
 
 PAPER_PATCH = (128, 128, 128)
-
-
-def available_memory() -> int:
-    """Bytes of RAM available now (MemAvailable on Linux), or 8 GiB when unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 * 2**30
 
 
 def shared_memory_free() -> int | None:

@@ -5,17 +5,18 @@ patchddm_fast.ops (ddim_step, ddpm_step, q_sample), writing into preallocated bu
 """
 
 from .dpm_solver import DPMSolverMultistepScheduler, dpm_solver_timesteps
-from .full_volume import FullVolumeSampler, SamplingPlan, SegmentationResult, VolumeTooLargeError, member_seeds
+from .full_volume import FullVolumeSampler, SegmentationResult, member_seeds
 from .loss import LossOutput, diffusion_loss, model_input_buffer, sample_timesteps
-from .sampling import ddim_sample, ddpm_sample, original_ddim_sample, sample_loop
+from .plan import PlanOptions, SamplingPlan, VolumeTooLargeError
+from .sampling import ddim_sample, ddpm_sample, denoise, original_ddim_sample, sample_loop
 from .schedule import NoiseSchedule
 from .schedulers import (PREDICTION_TYPES, SPACINGS, DDIMScheduler, DDPMScheduler, SchedulerConfig, StepOutput,
                          default_offset, inference_timesteps)
 
 __all__ = [
     "DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "FullVolumeSampler", "LossOutput",
-    "NoiseSchedule", "PREDICTION_TYPES", "SPACINGS", "SamplingPlan", "SchedulerConfig",
+    "NoiseSchedule", "PREDICTION_TYPES", "PlanOptions", "SPACINGS", "SamplingPlan", "SchedulerConfig",
     "SegmentationResult", "StepOutput", "VolumeTooLargeError", "ddim_sample", "ddpm_sample", "default_offset",
-    "diffusion_loss", "dpm_solver_timesteps", "inference_timesteps", "member_seeds", "model_input_buffer",
+    "denoise", "diffusion_loss", "dpm_solver_timesteps", "inference_timesteps", "member_seeds", "model_input_buffer",
     "original_ddim_sample", "sample_loop", "sample_timesteps",
 ]

@@ -11,12 +11,13 @@ before returning (cuDNN / oneDNN workspaces) are not seen; callers keep a safety
 from __future__ import annotations
 
 import math
-import os
 import weakref
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+from .._meminfo import available_memory
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -24,11 +25,15 @@ class LiveTensorBytes(TorchDispatchMode):
 
     Storages of `external` tensors (weights, inputs) and in-place results on them are not
     counted: they exist before and after the work.
+    fake_tensors: key storages by identity instead of by address, so that fake and meta
+    tensors (whose address is 0) are counted like real ones (benchmarks count a pass on
+    FakeTensorMode's shapes). Real tensors give the same counts either way.
     """
 
-    def __init__(self, external=()):
+    def __init__(self, external=(), *, fake_tensors: bool = False):
         super().__init__()
-        self.external = {t.untyped_storage().data_ptr() for t in external if isinstance(t, torch.Tensor)}
+        self.fake_tensors = fake_tensors
+        self.external = {self._key(t.untyped_storage()) for t in external if isinstance(t, torch.Tensor)}
         self.refs: dict[int, int] = {}      # storage pointer -> number of live tensors on it
         self.sizes: dict[int, int] = {}
         self.current = 0
@@ -41,9 +46,12 @@ class LiveTensorBytes(TorchDispatchMode):
                 self._track(t)
         return out
 
+    def _key(self, storage) -> int:
+        return storage._cdata if self.fake_tensors else storage.data_ptr()
+
     def _track(self, t: torch.Tensor) -> None:
         storage = t.untyped_storage()
-        key = storage.data_ptr()
+        key = self._key(storage)
         if key in self.external or key == 0:
             return
         if key not in self.refs:
@@ -82,21 +90,7 @@ def device_free_bytes(device: torch.device, budget: int | None = None) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return _cpu_available_bytes()
-
-
-def _cpu_available_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 8 * 2**30  # no way to ask: assume a modest machine
+    return available_memory()
 
 
 def format_bytes(n: float) -> str:

@@ -1,4 +1,5 @@
-"""Sampling loops: DDIM (the original PatchDDM sampler, and eta > 0) and ancestral DDPM.
+"""The reverse-process loop (denoise), and on it DDIM (the original PatchDDM sampler, and
+eta > 0) and ancestral DDPM; FullVolumeSampler runs the same loop on whole volumes.
 
 The model input is one buffer (B, C + 1, D, H, W) holding [condition, x_t]; the condition is
 copied in once, and every step's noise update writes x_t straight into the last channel
@@ -11,37 +12,49 @@ for x_T itself (see FullVolumeSampler).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from tqdm.auto import tqdm
 
+from ..precision import autocast
 from .schedule import NoiseSchedule
 from .schedulers import DDIMScheduler, DDPMScheduler
-
-PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def autocast_context(device: torch.device, precision: str):
-    """torch.autocast for 'bfloat16' / 'float16', nothing for 'float32'."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def predict_noise(model, model_input: torch.Tensor, timestep: int, xt_shape, precision: str = "float32"):
     """model(model_input, t) with integer timesteps (B,), checked to be the noise of x_t."""
     timesteps = torch.full((model_input.shape[0],), int(timestep), dtype=torch.int64, device=model_input.device)
-    with autocast_context(model_input.device, precision):
+    with autocast(model_input.device, precision):
         eps = model(model_input, timesteps)
     if not isinstance(eps, torch.Tensor) or tuple(eps.shape) != tuple(xt_shape):
         raise ValueError(f"the model returned {tuple(getattr(eps, 'shape', ())) or type(eps).__name__} for an input "
                          f"of shape {tuple(model_input.shape)}; expected the predicted noise of x_t, shape "
                          f"{tuple(xt_shape)} (one output channel per x_t channel, same spatial size)")
     return eps
+
+
+def denoise(scheduler, x: torch.Tensor, x0: torch.Tensor, predict, seeds, on_step=None) -> torch.Tensor:
+    """The reverse process, in place: x holds x_T on entry and the sample on return.
+
+    For each of the scheduler's timesteps t (step i): eps = predict(t), then the scheduler's
+    update writes x_{t-1} into x (and its x0 estimate into x0). seeds: the Philox key of the
+    noise of stochastic steps, one int for the whole of x (offset (i + 1) * x.numel()) or one
+    per batch element, each member's noise from its own key (offset (i + 1) * x[0].numel()),
+    so that how members are batched does not change them. on_step(): after each step.
+    """
+    for i, t in enumerate(scheduler.timesteps.tolist()):
+        eps = predict(t)
+        if not scheduler.draws_noise:
+            scheduler.step(eps, t, x, out=x, x0_out=x0)
+        elif isinstance(seeds, int):
+            scheduler.step(eps, t, x, seed=seeds, offset=(i + 1) * x.numel(), out=x, x0_out=x0)
+        else:
+            offset = (i + 1) * x[0].numel()
+            for j, seed in enumerate(seeds):
+                scheduler.step(eps[j:j + 1], t, x[j:j + 1], seed=seed, offset=offset, out=x[j:j + 1],
+                               x0_out=x0[j:j + 1])
+        if on_step is not None:
+            on_step()
+    return x
 
 
 def _check_condition_noise(name: str, condition: torch.Tensor, noise: torch.Tensor) -> None:
@@ -77,9 +90,10 @@ def sample_loop(model, scheduler, condition: torch.Tensor, noise: torch.Tensor, 
     x0 = torch.empty_like(x_t)
     if seed is None and scheduler.draws_noise:
         seed = int(torch.randint(0, 2**62, (1,)).item())
-    for i, t in enumerate(tqdm(scheduler.timesteps.tolist(), desc="sampling", disable=not progress)):
-        eps = predict_noise(model, buffer, t, x_t.shape, precision)
-        scheduler.step(eps, t, x_t, seed=seed, offset=(i + 1) * x_t.numel(), out=x_t, x0_out=x0)
+    seed = int(seed) if seed is not None else None
+    with tqdm(total=len(scheduler.timesteps), desc="sampling", disable=not progress) as bar:
+        denoise(scheduler, x_t, x0, lambda t: predict_noise(model, buffer, t, x_t.shape, precision), seed,
+                on_step=bar.update)
     return x_t.clone()
 
 

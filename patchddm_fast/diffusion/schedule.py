@@ -25,13 +25,15 @@ class NoiseSchedule:
         posterior_mean_coef1 / coef2 (of x0 and x_t in the mean of q(x_{t-1} | x_t, x0)).
     """
 
-    def __init__(self, betas, name: str = "custom"):
+    def __init__(self, betas, name: str = "custom", settings: dict | None = None):
         betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu().clone()
         if betas.dim() != 1 or betas.numel() < 1:
             raise ValueError(f"NoiseSchedule: betas must be a non-empty 1-D array, got shape {tuple(betas.shape)}")
         if not bool(((betas > 0) & (betas < 1)).all()):
             raise ValueError("NoiseSchedule: every beta must lie in (0, 1) (NaN is invalid)")
         self.name = name
+        # what rebuilds it (to_dict): the generator's arguments, or the betas themselves
+        self.settings = dict(settings) if settings is not None else {"betas": betas.tolist()}
         self.betas = betas
         self.alphas = 1.0 - betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
@@ -65,7 +67,8 @@ class NoiseSchedule:
         (as diffusers' beta_schedule="linear" does). For guided-diffusion's named "linear"
         schedule, which scales both ends by 1000 / num_timesteps, use from_name("linear", T)."""
         _check_steps(num_timesteps)
-        return cls(torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64), "linear")
+        return cls(torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64), "linear",
+                   {"num_timesteps": num_timesteps, "beta_start": float(beta_start), "beta_end": float(beta_end)})
 
     @classmethod
     def scaled_linear(cls, num_timesteps: int = 1000, beta_start: float = 0.00085,
@@ -84,7 +87,7 @@ class NoiseSchedule:
         grid = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
         f = torch.cos((grid + s) / (1 + s) * math.pi / 2) ** 2
         betas = (1 - f[1:] / f[:-1]).clamp(max=max_beta)
-        return cls(betas, "cosine")
+        return cls(betas, "cosine", {"num_timesteps": num_timesteps, "s": float(s), "max_beta": float(max_beta)})
 
     @classmethod
     def from_name(cls, name: str, num_timesteps: int = 1000) -> "NoiseSchedule":
@@ -106,6 +109,31 @@ class NoiseSchedule:
         if name == "cosine":
             return cls.cosine(num_timesteps)
         raise ValueError(f"unknown beta schedule {name!r}; expected 'linear' or 'cosine'")
+
+    def to_dict(self) -> dict:
+        """Plain data that from_dict turns back into this schedule (as checkpoints store it)."""
+        return {"name": self.name, **self.settings}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "NoiseSchedule":
+        """The schedule of to_dict's data. A linear or cosine schedule may leave out its
+        parameters (their defaults: PatchDDM's 1000 steps from 1e-4 to 0.02)."""
+        data = dict(data)
+        name = data.pop("name", "linear")
+        if name == "linear":
+            return cls.linear(**_settings(data, ("num_timesteps", "beta_start", "beta_end")))
+        if name == "cosine":
+            return cls.cosine(**_settings(data, ("num_timesteps", "s", "max_beta")))
+        if "betas" in data:
+            return cls(data["betas"], str(name))
+        raise ValueError(f"noise schedule {name!r}: not linear or cosine, and no betas given")
+
+
+def _settings(data: dict, known: tuple) -> dict:
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"unknown noise schedule settings {unknown}; known: {list(known)}")
+    return {k: int(v) if k == "num_timesteps" else float(v) for k, v in data.items()}
 
 
 def _check_steps(num_timesteps) -> None:

@@ -110,17 +110,38 @@ class ResBlock(nn.Module):
 
     def _forward(self, inputs, emb, overwrite=False):
         # Every intermediate is dropped as soon as it has been used: without gradients, at
-        # most the residual and two full-size tensors are alive in the block.
+        # most the residual and two full-size tensors are alive in the block. Tensors that a
+        # step frees are handed to it in a list, so that no name here keeps them alive.
         x, skip = inputs
         inputs.clear()
         add = self.emb_layers(emb)
         cheap = self.checkpoint == "cheap" and torch.is_grad_enabled()
-        if skip is not None and (not self.fused or (overwrite and not torch.is_grad_enabled()
-                                                    and x.dtype == skip.dtype and x.shape == skip.shape)):
-            # The baseline averages first, as the original; the fused block without gradients
-            # into x's memory ((x + skip) rounded once: halving is exact), freeing the skip.
-            x = x.add_(skip).mul_(0.5) if self.fused else (x + skip) / 2
-            skip = None
+        x, skip = self._average_first(x, skip, overwrite)
+        h, x = self._in_path(x, skip, cheap)  # x: the decoder's average, when the norm made it
+        del skip
+        h = [h]
+        h = self._out_path(h, add, cheap)
+        residual = self.skip_connection(x)
+        del x
+        if self.fused and residual.dtype == h.dtype:
+            return h.add_(residual)  # the convolution's output is not saved by anyone
+        return residual + h
+
+    def _average_first(self, x, skip, overwrite):
+        """(x, skip), or ((x + skip) / 2, None) when the average is not left to the fused norm:
+        the baseline averages first, as the original; the fused block without gradients into
+        x's memory ((x + skip) rounded once: halving is exact), freeing the skip."""
+        if skip is None:
+            return x, None
+        if not self.fused:
+            return (x + skip) / 2, None
+        if overwrite and not torch.is_grad_enabled() and x.dtype == skip.dtype and x.shape == skip.shape:
+            return x.add_(skip).mul_(0.5), None
+        return x, skip
+
+    def _in_path(self, x, skip, cheap):
+        """(first convolution's output, the block's input: x, or the average the norm made of
+        x and skip)."""
         if cheap:
             h, average = recomputed_pre_conv(self._in_pre, self.in_layers[2], x, skip,
                                              pre_params=self.in_layers[0].parameters())
@@ -128,27 +149,22 @@ class ResBlock(nn.Module):
             average, y = self._in_pre(x, None, skip)
             h = self.in_layers[2](y)
             del y
-        if average is not None:
-            x = average  # the decoder's average replaces both inputs, also on the residual path
-        del skip, average
+        return h, (average if average is not None else x)
+
+    def _out_path(self, box: list, add, cheap):
+        """Timestep bias, norm, SiLU, dropout and the second convolution of h = box.pop()."""
+        h = box.pop()
         if cheap:
             # Dropout's mask must come out the same when backward recomputes it.
             seed = draw_seed() if self.training and self.dropout > 0 else None
-            h, _ = recomputed_pre_conv(partial(self._out_pre, seed=seed), self.out_layers[3], h,
-                                       add=add, pre_params=self.out_layers[0].parameters())
-        else:
-            if not self.fused:  # the original's `h = h + emb_out`, which frees the conv output
-                h = h + add.reshape(add.shape + (1,) * (h.dim() - 2))
-                add = None
-            _, y = self._out_pre(h, add, None)
-            del h
-            h = self.out_layers[3](y)
-            del y
-        residual = self.skip_connection(x)
-        del x
-        if self.fused and residual.dtype == h.dtype:
-            return h.add_(residual)  # the convolution's output is not saved by anyone
-        return residual + h
+            return recomputed_pre_conv(partial(self._out_pre, seed=seed), self.out_layers[3], h,
+                                       add=add, pre_params=self.out_layers[0].parameters())[0]
+        if not self.fused:  # the original's `h = h + emb_out`, which frees the conv output
+            h = h + add.reshape(add.shape + (1,) * (h.dim() - 2))
+            add = None
+        _, y = self._out_pre(h, add, None)
+        del h
+        return self.out_layers[3](y)
 
 
 class Downsample(nn.Module):

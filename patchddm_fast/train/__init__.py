@@ -4,22 +4,19 @@
 
     result = train(TrainConfig("BraTS2020_TrainingData", "runs/paper", preset="paper", steps=100_000,
                                precision="bf16"))
-    model, info = load_trained_model(result.checkpoint)       # EMA weights, eval mode
+    model, info = load_trained_model(result.checkpoint)       # EMA weights, eval mode; a CheckpointInfo
 
 Command line (patchddm train): add_train_arguments(parser) and config_from_args(args).
 Data-parallel: `torchrun --nproc_per_node=N -m patchddm_fast.cli train ...` (or any script
 calling train()); each process gets batch_size patches per step.
-The demo's settings: demo_recipe().
 """
 
-from .checkpoints import LAST, load_trained_model, make_schedule, read_training_checkpoint
+from .checkpoints import load_trained_model, read_training_checkpoint
 from .config import PRESET_DEFAULTS, TrainConfig, add_train_arguments, config_from_args
-from .demo import DemoRecipe, demo_recipe
-from .trainer import TrainResult, data_volume_edge, train
-from .validation import Evaluation, Validator, evaluate_checkpoint
+from .trainer import TrainResult, train
+from .validation import ValidationScores, Validator, evaluate_checkpoint
 
 __all__ = [
-    "LAST", "PRESET_DEFAULTS", "DemoRecipe", "Evaluation", "TrainConfig", "TrainResult", "Validator",
-    "add_train_arguments", "config_from_args", "data_volume_edge", "demo_recipe", "evaluate_checkpoint",
-    "load_trained_model", "make_schedule", "read_training_checkpoint", "train",
+    "PRESET_DEFAULTS", "TrainConfig", "TrainResult", "ValidationScores", "Validator", "add_train_arguments",
+    "config_from_args", "evaluate_checkpoint", "load_trained_model", "read_training_checkpoint", "train",
 ]

@@ -9,12 +9,13 @@ nn.save_checkpoint: a temporary file, then os.replace) whose `extra` holds
     train_config                the TrainConfig as plain data
     optimizer, scaler, ema      their state_dicts (scaler / ema None when unused)
     rng                         the torch (CPU and CUDA), numpy and python generators' states
-    schedule                    the noise schedule's settings
-    shapes                      training patch and volume shapes, image channels
-    world_size, last_loss, precision
+    world_size, elapsed
+    and the entries of patchddm_fast.CheckpointInfo.to_dict(): schedule, volume_shape,
+    patch_shape, image_channels, step, precision, last_loss, train_config
 
 so patchddm_fast.nn.load_checkpoint reads the weights too. load_trained_model gives a ready
-network (the EMA weights by default) and what a sampler needs to know about its training.
+network (the EMA weights by default) and its CheckpointInfo, for trained and imported
+checkpoints alike.
 """
 
 from __future__ import annotations
@@ -27,26 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..diffusion import NoiseSchedule
+from ..checkpoint_info import CheckpointInfo
 from ..nn import CheckpointMismatchError, UNet3D, load_checkpoint, save_checkpoint
 from ..nn.checkpoints import check_state_dict
 
 KIND = "patchddm_fast.train"
 VERSION = 1
 LAST = "last.pt"
-
-# PatchDDM's schedule (guided-diffusion's linear betas); recorded in every checkpoint.
-SCHEDULE = {"name": "linear", "num_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02}
-
-
-def make_schedule(settings: Mapping | None = None) -> NoiseSchedule:
-    """The NoiseSchedule of a checkpoint's settings (None: PatchDDM's linear schedule)."""
-    s = dict(SCHEDULE if settings is None else settings)
-    if s.get("name") == "linear":
-        return NoiseSchedule.linear(int(s["num_timesteps"]), float(s["beta_start"]), float(s["beta_end"]))
-    if s.get("name") == "cosine":
-        return NoiseSchedule.cosine(int(s["num_timesteps"]))
-    raise ValueError(f"unknown noise schedule settings {s}")
 
 
 def step_path(out_dir, step: int) -> Path:
@@ -105,41 +93,30 @@ def _load(path, map_location):
     return load_checkpoint(path, map_location=map_location)
 
 
-def load_trained_model(path, *, ema: bool = True, map_location="cpu", **options) -> tuple[UNet3D, dict]:
-    """(network in eval mode, info) from a checkpoint written by the trainer (or any
-    patchddm_fast network checkpoint, e.g. an imported original one).
+def load_trained_model(path, *, ema: bool = True, map_location="cpu", **options) -> tuple[UNet3D, CheckpointInfo]:
+    """(network in eval mode, its CheckpointInfo) from a checkpoint written by the trainer (or
+    any patchddm_fast network checkpoint, e.g. one written by `patchddm import-checkpoint`).
 
-    ema: use the EMA weights when the checkpoint has them (else the trained weights).
-    options: UNet3D options (fused, checkpoint, channels_last).
-    info: "schedule" (settings for make_schedule), "volume_shape" and "patch_shape" (3-tuples,
-    None when unknown), "image_channels", "step", "ema" (whether the EMA weights were loaded),
-    "precision" (of training), "train_config" (dict or None), "last_loss", "path".
-    Raises FileNotFoundError, or CheckpointMismatchError for a file that is not one of ours.
+    ema: use the EMA weights when the checkpoint has them (else the trained weights); the
+    info's ema_weights says which were loaded. options: UNet3D options (fused, checkpoint,
+    channels_last). Raises FileNotFoundError, or CheckpointMismatchError for a file that is
+    not one of ours or whose recorded schedule or shapes cannot be used.
     """
     model, extra = _load(path, map_location)
     if options:
         rebuilt = UNet3D(model.config, **options)
         rebuilt.load_state_dict(model.state_dict())
         model = rebuilt.to(next(model.parameters()).device)
-    trained = extra.get("kind") == KIND
-    shapes = extra.get("shapes", {}) if trained else {}
-    use_ema = bool(ema and trained and extra.get("ema"))
+    use_ema = bool(ema and extra.get("kind") == KIND and extra.get("ema"))
     if use_ema:
         weights = extra["ema"]["weights"]
         check_state_dict(model, weights, f"{path} (EMA weights)")
         model.load_state_dict(weights)
-    info = {
-        "path": str(path),
-        "schedule": dict(extra.get("schedule", SCHEDULE)),
-        "volume_shape": tuple(shapes["volume"]) if shapes.get("volume") else None,
-        "patch_shape": tuple(shapes["patch"]) if shapes.get("patch") else None,
-        "image_channels": int(shapes.get("image_channels", model.config.in_channels - 4)),
-        "step": int(extra.get("step", 0)) if trained else None,
-        "ema": use_ema,
-        "precision": extra.get("precision") if trained else None,
-        "train_config": extra.get("train_config") if trained else None,
-        "last_loss": extra.get("last_loss") if trained else None,
-    }
+    try:
+        info = CheckpointInfo.from_dict(extra, in_channels=model.config.in_channels, path=str(path),
+                                        ema_weights=use_ema)
+    except CheckpointMismatchError as error:
+        raise CheckpointMismatchError(f"{path}: {error}") from None
     return model.eval(), info
 
 

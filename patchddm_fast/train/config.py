@@ -12,10 +12,11 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..diffusion.schedulers import PREDICTION_TYPES
 from ..nn import PRESETS, UNetConfig
 from ..nn.unet import CHECKPOINT_MODES
+from ..precision import SHORT_NAMES, parse_precision, precision_argument
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine")
 
 # Per preset: the patch edge, learning rate and memory option used when not given.
@@ -25,9 +26,6 @@ PRESET_DEFAULTS = {
     "paper": dict(patch=128, lr=1e-5, checkpoint="cheap"),
     "small": dict(patch=32, lr=1e-3, checkpoint="off"),
 }
-
-# Sampler settings as FullVolumeSampler names them.
-SAMPLER_PRECISION = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 @dataclass
@@ -51,6 +49,9 @@ class TrainConfig:
         "cosine" (decay to lr_min_ratio * lr at `steps`); warmup_steps: linear warmup from 0.
     weight_decay: AdamW's decoupled weight decay.
     precision: "fp32", "bf16" (autocast) or "fp16" (autocast and a gradient scaler).
+    prediction_type: what the network learns to predict from x_t: "sample" (x0, the mask
+        itself; the default, see docs/STUDY.md for why), "epsilon" (the noise, as the
+        original PatchDDM) or "v_prediction". Recorded in the checkpoint for the samplers.
     checkpoint: activation checkpointing of the network, "off", "cheap" or "blocks"
         (patchddm_fast.nn.UNet3D; None: "cheap" paper, "off" small).
     channels_last: run the convolutions in the channels_last_3d memory format (faster on some
@@ -85,6 +86,7 @@ class TrainConfig:
     warmup_steps: int = 0
     weight_decay: float = 0.0
     precision: str = "fp32"
+    prediction_type: str = "sample"
     checkpoint: str | None = None
     channels_last: bool = False
     ema: float | None = 0.999
@@ -147,7 +149,9 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        values.setdefault("prediction_type", "epsilon")  # runs from before the setting trained the noise
+        return cls(**values)
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -188,6 +192,8 @@ def _problems(c: TrainConfig):
             elif network is not None and c.volume % network.size_multiple:
                 yield (f"volume must be a multiple of {network.size_multiple} so the {c.preset} network can "
                        f"run on the whole volume at sampling time, got {c.volume}")
+    if c.prediction_type not in PREDICTION_TYPES:
+        yield f"prediction_type must be one of {PREDICTION_TYPES}, got {c.prediction_type!r}"
     for name in ("steps", "batch_size"):
         value = getattr(c, name)
         if not (_is_int(value) and value > 0):
@@ -212,8 +218,10 @@ def _problems(c: TrainConfig):
         yield f"lr_min_ratio must lie in [0, 1], got {c.lr_min_ratio!r}"
     if not (_is_number(c.weight_decay) and c.weight_decay >= 0):
         yield f"weight_decay must be a non-negative number, got {c.weight_decay!r}"
-    if c.precision not in PRECISIONS:
-        yield f"precision must be one of {PRECISIONS}, got {c.precision!r}"
+    try:
+        parse_precision(c.precision)
+    except ValueError as exc:
+        yield str(exc)
     if c.checkpoint is not None and c.checkpoint not in CHECKPOINT_MODES:
         yield f"checkpoint (activation checkpointing) must be one of {CHECKPOINT_MODES}, got {c.checkpoint!r}"
     if c.ema is not None and not (_is_number(c.ema) and 0 < c.ema < 1):
@@ -286,8 +294,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                        help="linear learning-rate warmup over this many steps (default: %(default)s)")
     optim.add_argument("--weight-decay", type=float, default=d["weight_decay"].default,
                        help="AdamW weight decay (default: %(default)s)")
-    optim.add_argument("--precision", choices=PRECISIONS, default=d["precision"].default,
+    optim.add_argument("--precision", type=precision_argument, metavar="{" + ",".join(SHORT_NAMES) + "}",
+                       default=d["precision"].default,
                        help="fp32, bf16 autocast, or fp16 autocast with loss scaling (default: %(default)s)")
+    optim.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=d["prediction_type"].default,
+                       help="what the network predicts: sample (x0, default), epsilon (the noise, as the "
+                            "original PatchDDM) or v_prediction")
     optim.add_argument("--checkpoint", choices=CHECKPOINT_MODES, default=None,
                        help="activation checkpointing to save memory: off, cheap (recompute norms) or "
                             "blocks (recompute whole blocks) (default: cheap paper, off small)")

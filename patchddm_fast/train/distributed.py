@@ -13,6 +13,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..device import resolve_device
+
 # Validation runs on rank 0 while the others wait at a barrier: give it time.
 _TIMEOUT = datetime.timedelta(hours=2)
 
@@ -27,21 +29,6 @@ def _env_int(name: str) -> int | None:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """'auto': this process's GPU (cuda:LOCAL_RANK) when CUDA is available, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device {device!r} was asked for, but CUDA is not available here")
-        if resolved.index is None:
-            resolved = torch.device("cuda", local_rank)
-        if resolved.index >= torch.cuda.device_count():
-            raise RuntimeError(f"device {resolved} does not exist: {torch.cuda.device_count()} GPU(s) visible")
-    return resolved
-
-
 class Distributed:
     """rank, world_size, device, and the few collective operations the trainer needs."""
 
@@ -52,7 +39,7 @@ class Distributed:
         self.local_rank = _env_int("LOCAL_RANK") or 0
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"RANK={self.rank} is not in [0, WORLD_SIZE={self.world_size})")
-        self.device = resolve_device(device, self.local_rank)
+        self.device = resolve_device(device, self.local_rank)  # 'cuda' means this process's GPU
         self.enabled = self.world_size > 1
         self._owns_group = False
         if self.enabled and not dist.is_initialized():

@@ -1,4 +1,5 @@
-"""The training loss of a batch, with every random draw keyed by the sample's number.
+"""The random draws of a training batch, every one keyed by the sample's number (the loss
+itself is patchddm_fast.diffusion.diffusion_loss, with one noise key per sample).
 
 Sample n of a run (its patch is PatchDataset item n) gets its timestep and its noise's Philox
 seed from a generator keyed by (seed, n) alone. So a resumed run draws exactly what the
@@ -10,16 +11,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-
-from ..diffusion import NoiseSchedule
-from ..ops import philox_normal, q_sample
 
 _DIFFUSION_STREAM = 2  # the data module keys its draws with streams 0 and 1
 
 
 def sample_numbers(samples_done: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[int]:
-    """The sample numbers of this process's next batch (patchddm_fast.data.StreamSampler's
+    """The sample numbers of this process's next batch (patchddm_fast.data.patches.StreamSampler's
     order: start + rank, start + rank + world_size, ...)."""
     return [samples_done + j * world_size + rank for j in range(batch_size)]
 
@@ -32,36 +29,3 @@ def sample_draws(seed: int, numbers, num_timesteps: int) -> tuple[torch.Tensor, 
         timesteps.append(int(rng.integers(0, num_timesteps)))
         seeds.append(int(rng.integers(0, 2**62)))
     return torch.tensor(timesteps, dtype=torch.int64), seeds
-
-
-def noise_prediction_loss(model, model_input: torch.Tensor, mask: torch.Tensor, schedule: NoiseSchedule,
-                          timesteps: torch.Tensor, seeds: list[int], autocast=None) -> torch.Tensor:
-    """mean((model([image, coordinates, x_t], t) - z)^2) over the batch.
-
-    model_input: (B, C + 1, ...) with image and coordinates in the first C channels; its last
-    channel is overwritten with x_t = sqrt(ab_t) mask + sqrt(1 - ab_t) z (fused q_sample, in
-    place). z of sample b is Philox noise of seeds[b]; it is regenerated for the loss rather
-    than kept alive through the forward pass. autocast: a context manager for the forward.
-    """
-    batch = mask.shape[0]
-    if model_input.shape[0] != batch or len(seeds) != batch or timesteps.numel() != batch:
-        raise ValueError(f"noise_prediction_loss: batch sizes differ: input {tuple(model_input.shape)}, "
-                         f"mask {tuple(mask.shape)}, {timesteps.numel()} timesteps, {len(seeds)} seeds")
-    alpha_bar = schedule.alpha_bar(timesteps)
-    x_t = model_input[:, -mask.shape[1]:]
-    target = mask.to(model_input.dtype)
-    for b in range(batch):
-        q_sample(target[b:b + 1], alpha_bar[b:b + 1], seed=seeds[b], return_noise=False, out=x_t[b:b + 1])
-    steps = timesteps.to(model_input.device)
-    if autocast is None:
-        prediction = model(model_input, steps)
-    else:
-        with autocast:
-            prediction = model(model_input, steps)
-    if prediction.shape != mask.shape:
-        raise ValueError(f"the model returned shape {tuple(prediction.shape)}, expected the noise of the mask "
-                         f"{tuple(mask.shape)}")
-    noise = torch.empty(mask.shape, dtype=torch.float32, device=mask.device)
-    for b in range(batch):
-        noise[b:b + 1] = philox_normal((1,) + tuple(mask.shape[1:]), seeds[b], device=mask.device)
-    return F.mse_loss(prediction.float(), noise)

@@ -11,8 +11,9 @@ together do what one process does on the combined batch.
 
 from __future__ import annotations
 
-import contextlib
+import json
 import logging
+import os
 import math
 import time
 from dataclasses import dataclass
@@ -20,22 +21,24 @@ from pathlib import Path
 
 import torch
 
-from ..data import DataError, PatchDataset, find_cases, make_patch_loader, read_header, split_cases
+from ..checkpoint_info import CheckpointInfo
+from ..data import DataError, PatchDataset, find_cases, make_patch_loader, split_cases
+from ..data.nifti import read_header
+from ..diffusion import NoiseSchedule, diffusion_loss
 from ..nn import UNet3D
-from .checkpoints import (LAST, SCHEDULE, checkpoint_exists, make_schedule, read_training_checkpoint,
-                          remove_stale_temporaries, restore_rng_states, rng_states, save_training_checkpoint,
-                          step_path)
-from .config import SAMPLER_PRECISION, TrainConfig
+from .checkpoints import (LAST, checkpoint_exists, read_training_checkpoint, remove_stale_temporaries,
+                          restore_rng_states, rng_states, save_training_checkpoint, step_path)
+from ..precision import parse_precision
+from .config import TrainConfig
 from .distributed import Distributed
 from .ema import WeightAverage
 from .interrupt import StopRequest, ignore_interrupts
 from .logs import RunLog
-from .objective import noise_prediction_loss, sample_draws, sample_numbers
+from .objective import sample_draws, sample_numbers
 from .validation import Validator
 
 logger = logging.getLogger("patchddm_fast")
 
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _MAX_SKIPPED = 5  # consecutive steps with non-finite gradients before a run gives up
 
 
@@ -53,6 +56,8 @@ class TrainResult:
     out_dir: Path
     seconds: float
 
+
+SPLIT = "split.json"  # the cases of each part of the split, written at the start of a run
 
 def data_volume_edge(cases, size_multiple: int) -> int:
     """The padded volume of a data set: a cube whose edge is the longest axis of the first
@@ -96,23 +101,22 @@ class _Run:
         resumed = self._read_resume() if config.resume else None
         if resumed is not None:
             self._check_compatible(resumed)
-        self.volume = config.volume or (resumed[1]["shapes"]["volume"][0] if resumed
+        self.volume = config.volume or (CheckpointInfo.from_dict(resumed[1]).volume_shape[0] if resumed
                                         else data_volume_edge(train_cases, network.size_multiple))
         self.volume = max(self.volume, self.patch) if config.volume is None else self.volume
-        self.schedule = make_schedule(SCHEDULE)
+        self.schedule = NoiseSchedule.linear()  # PatchDDM's (guided-diffusion's linear betas)
 
         torch.manual_seed(config.seed)  # the initial weights
         self.model = UNet3D(network, fused=True, checkpoint=config.memory_option,
                             channels_last=config.channels_last).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr_at(0),
                                            weight_decay=config.weight_decay)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
+        fp16 = parse_precision(config.precision) == torch.float16  # only fp16 needs loss scaling
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self.ema = WeightAverage(self.model, config.ema) if config.ema else None
         if resumed is not None:
             self._restore(*resumed)
         self.trained = distributed.wrap(self.model)
-        dtype = _AUTOCAST_DTYPES.get(config.precision)
-        self.autocast = (lambda: torch.autocast(self.device.type, dtype=dtype)) if dtype else contextlib.nullcontext
 
         self.dataset = PatchDataset(train_cases, patch_shape=self.patch, volume_shape=self.volume, seed=config.seed,
                                     cache_bytes=config.cache_bytes)
@@ -121,8 +125,8 @@ class _Run:
             if validation_cases:
                 self.validator = Validator(validation_cases[:config.validate_cases], (self.volume,) * 3,
                                            steps=config.validate_steps, ensemble=config.validate_ensemble,
-                                           schedule=self.schedule, precision=SAMPLER_PRECISION[config.precision],
-                                           seed=config.seed)
+                                           schedule=self.schedule, precision=config.precision,
+                                           seed=config.seed, prediction_type=config.prediction_type)
             else:
                 logger.warning("patchddm_fast: no validation cases in %s (the split gave none); validation is off",
                                config.data_dir)
@@ -130,6 +134,7 @@ class _Run:
                           progress=progress, time_offset=self.elapsed_before)
         if resumed is not None:
             self.log.message(f"resumed from {self.out_dir / LAST} at step {self.step}")
+        self._record_split()
 
     # -- setup ------------------------------------------------------------------------------
     def _prepare_out_dir(self) -> None:
@@ -153,7 +158,23 @@ class _Run:
         parts = split_cases(cases)
         if not parts["train"]:
             raise DataError(f"{self.config.data_dir}: the split left no training cases (of {len(cases)} usable)")
+        self.split = {name: [case.case_id for case in part] for name, part in parts.items()}
         return parts["train"], parts["validation"]
+
+    def _record_split(self) -> None:
+        """Says which cases training holds out, and writes them to out_dir/split.json (what
+        `patchddm sample --subset` and `sweep --subset` pick), so nobody scores training cases
+        by mistake."""
+        if not self.dist.is_main:
+            return
+        path = self.out_dir / SPLIT
+        partial = path.with_name(f".{SPLIT}.partial")
+        partial.write_text(json.dumps({"data_dir": str(self.config.data_dir), **self.split}, indent=1))
+        os.replace(partial, path)
+        held = ", ".join(f"{name} {len(self.split[name])} ({' '.join(self.split[name]) or '-'})"
+                         for name in ("validation", "test"))
+        self.log.message(f"split of {self.config.data_dir}: train {len(self.split['train'])}, {held}; "
+                         f"written to {path}", important=True)
 
     def _read_resume(self):
         return read_training_checkpoint(self.out_dir / LAST, map_location=self.device)
@@ -164,11 +185,12 @@ class _Run:
         if model.config != c.network:
             raise ValueError(f"{self.out_dir / LAST}: its network {model.config} differs from the one asked for "
                              f"({c.network}; preset {c.preset!r}, width {c.width}); resume with the same settings")
-        shapes = extra["shapes"]
-        if shapes["patch"][0] != c.patch_edge:
-            raise ValueError(f"{self.out_dir / LAST}: trained on {shapes['patch'][0]}^3 patches, but patch={c.patch_edge}")
-        if c.volume is not None and shapes["volume"][0] != c.volume:
-            raise ValueError(f"{self.out_dir / LAST}: trained on a {shapes['volume'][0]}^3 volume, but volume={c.volume}")
+        info = CheckpointInfo.from_dict(extra)
+        patch, volume = info.patch_shape[0], info.volume_shape[0]
+        if patch != c.patch_edge:
+            raise ValueError(f"{self.out_dir / LAST}: trained on {patch}^3 patches, but patch={c.patch_edge}")
+        if c.volume is not None and volume != c.volume:
+            raise ValueError(f"{self.out_dir / LAST}: trained on a {volume}^3 volume, but volume={c.volume}")
         before = extra["train_config"]
         if before.get("seed") != c.seed:
             logger.warning("patchddm_fast: resuming with seed %s instead of %s: later draws differ from an "
@@ -197,15 +219,14 @@ class _Run:
     def _state(self) -> dict:
         c = self.config
         resolved = c.replace(patch=self.patch, volume=self.volume, lr=c.learning_rate, checkpoint=c.memory_option)
-        return dict(step=self.step, samples_done=self.samples_done, train_config=resolved.to_dict(),
-                    optimizer=self.optimizer.state_dict(),
+        info = CheckpointInfo(self.schedule, prediction_type=c.prediction_type, volume_shape=(self.volume,) * 3,
+                              patch_shape=(self.patch,) * 3,
+                              image_channels=self.model.config.in_channels - 4, step=self.step,
+                              precision=c.precision, last_loss=self.last_loss, train_config=resolved.to_dict())
+        return dict(info.to_dict(), samples_done=self.samples_done, optimizer=self.optimizer.state_dict(),
                     scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
                     ema=self.ema.state_dict() if self.ema is not None else None, rng=rng_states(),
-                    schedule=dict(SCHEDULE),
-                    shapes={"patch": [self.patch] * 3, "volume": [self.volume] * 3,
-                            "image_channels": self.model.config.in_channels - 4},
-                    world_size=self.dist.world_size, last_loss=self.last_loss, precision=c.precision,
-                    elapsed=self.elapsed_before + time.perf_counter() - self.started)
+                    world_size=self.dist.world_size, elapsed=self.elapsed_before + time.perf_counter() - self.started)
 
     def save(self, keep: bool = False) -> None:
         """Writes last.pt (and step_NNNNNNN.pt when keep) on rank 0."""
@@ -246,7 +267,8 @@ class _Run:
         lr = c.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss = noise_prediction_loss(self.trained, inputs, mask, self.schedule, timesteps, seeds, self.autocast())
+        loss = diffusion_loss(self.trained, inputs, mask, self.schedule, timesteps=timesteps, seed=seeds,
+                              precision=c.precision, prediction_type=c.prediction_type)
         total, votes = self.dist.sum([loss.item(), 1.0 if self.stop.requested else 0.0])
         mean_loss = total / world
         if not math.isfinite(mean_loss) and not self.scaler.is_enabled():

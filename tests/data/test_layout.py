@@ -2,8 +2,8 @@
 
 import pytest
 
-from patchddm_fast.data import DataError, find_cases, sequence_of
-from patchddm_fast.data.layout import case_number
+from patchddm_fast.data import DataError, find_cases
+from patchddm_fast.data.layout import case_number, sequence_of
 
 
 @pytest.mark.parametrize("name, kind", [

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from patchddm_fast.data import (PatchDataset, StreamSampler, find_cases, make_patch_loader, offset_ranges,
-                                prepare_case, sample_offset)
+from patchddm_fast.data import PatchDataset, find_cases, make_patch_loader, prepare_case
+from patchddm_fast.data.patches import StreamSampler, offset_ranges, sample_offset
 
 
 def test_offset_ranges_of_the_original():

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from patchddm_fast.data import find_cases, generate_phantom, load_case, normalise_sequence, write_phantoms
+from patchddm_fast.data import find_cases, generate_phantom, load_case, write_phantoms
 from patchddm_fast.data.phantoms import CSF, GM, WM, brats_affine, smooth_field
+from patchddm_fast.data.preprocess import normalise_sequence
 from patchddm_fast.metrics import dice
 
 T1, T1CE, T2, FLAIR = range(4)

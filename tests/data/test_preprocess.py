@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from patchddm_fast.data import (CaseError, Padding, brats_regions, find_cases, load_case, normalise_sequence,
-                                prepare_case, whole_tumour)
+from patchddm_fast.data import CaseError, brats_regions, find_cases, load_case, prepare_case, whole_tumour
+from patchddm_fast.data.preprocess import Padding, normalise_sequence
 
 from cases import AFFINE, SEQS, case_arrays
 

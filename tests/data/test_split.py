@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from patchddm_fast.data import CaseFiles, DataError, make_split, paper_split, split_cases
-from patchddm_fast.data.split import default_sizes
+from patchddm_fast.data import CaseFiles, DataError, split_cases
+from patchddm_fast.data.split import default_sizes, make_split, paper_split
 
 
 def test_paper_split_sizes_disjoint_covering_and_fixed():

@@ -3,8 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from diffusion_models import LocalConvModel, OracleModel
-from patchddm_fast.diffusion import (DDIMScheduler, DDPMScheduler, FullVolumeSampler, VolumeTooLargeError,
-                                     member_seeds)
+from patchddm_fast.diffusion import (DDIMScheduler, DDPMScheduler, FullVolumeSampler, NoiseSchedule, PlanOptions,
+                                     VolumeTooLargeError, member_seeds)
 from patchddm_fast.ops import coord_encoding
 
 SHAPE = (13, 10, 7)  # not a multiple of 4: padded to (16, 12, 8)
@@ -14,9 +14,11 @@ def _volume(shape=SHAPE, seed=0):
     return torch.randn((4,) + shape, generator=torch.Generator().manual_seed(seed))
 
 
-def _sampler(model, **kwargs):
-    kwargs.setdefault("steps", 4)
-    return FullVolumeSampler(model, progress=False, **kwargs)
+def _sampler(model, scheduler=None, ensemble_size=1, precision="float32", **options):
+    """A sampler with 4 DDIM steps unless given a scheduler; options: PlanOptions."""
+    scheduler = scheduler or DDIMScheduler(NoiseSchedule.linear(), eta=0.0).set_timesteps(4)
+    return FullVolumeSampler(model, scheduler=scheduler, ensemble_size=ensemble_size, precision=precision,
+                             options=PlanOptions(**options), progress=False)
 
 
 def test_oracle_segmentation_lands_on_the_input_grid():

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from patchddm_fast.diffusion import FullVolumeSampler, NoiseSchedule, original_ddim_sample
+from patchddm_fast.diffusion import DDIMScheduler, FullVolumeSampler, NoiseSchedule, PlanOptions, original_ddim_sample
 from patchddm_fast.nn import load_original_checkpoint
 
 # End-to-end, golden sample against ours: see the module docstring.
@@ -105,8 +105,9 @@ def test_full_volume_sampler_runs_the_original_sampler(golden):
             x.copy_(noise)
 
     assert FullVolumeSampler(model).image_channels == 4 and FullVolumeSampler(model).size_multiple == 8
-    sampler = GivenNoise(with_golden_channels, steps=int(data["ddim_sampling_steps"]), image_channels=4,
-                         size_multiple=8, member_bytes=1, progress=False)
+    scheduler = DDIMScheduler(NoiseSchedule.linear(), eta=0.0).set_timesteps(int(data["ddim_sampling_steps"]))
+    sampler = GivenNoise(with_golden_channels, scheduler=scheduler,
+                         options=PlanOptions(image_channels=4, size_multiple=8, member_bytes=1), progress=False)
     result = sampler.sample(condition[0, :4], seed=0, keep_samples=True)
     expected = torch.from_numpy(data["ddim_sample"])[0]
     # The amplified cross-CPU spread, as above (module docstring).

@@ -106,3 +106,12 @@ def test_help_explains_every_flag():
             assert action.help and len(action.help) > 15, action.dest
     text = parser.format_help()
     assert "--resume" in text and "--precision" in text
+
+
+def test_runs_recorded_before_the_prediction_type_setting_predicted_the_noise(tmp_path):
+    recorded = TrainConfig(tmp_path, tmp_path / "out").to_dict()
+    del recorded["prediction_type"]
+    assert TrainConfig.from_dict(recorded).prediction_type == "epsilon"
+    assert TrainConfig(tmp_path, tmp_path / "out").prediction_type == "sample"
+    with pytest.raises(ValueError, match="prediction_type must be one of"):
+        TrainConfig(tmp_path, tmp_path / "out", prediction_type="x0")

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from train_helpers import tiny_config
 
-from patchddm_fast.train import LAST, read_training_checkpoint, train
+from patchddm_fast.train import read_training_checkpoint, train
+from patchddm_fast.train.checkpoints import LAST
 from patchddm_fast.train.logs import STEP_LOG, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -2,7 +2,8 @@
 
 import torch
 
-from patchddm_fast.train import LAST, read_training_checkpoint, train
+from patchddm_fast.train import read_training_checkpoint, train
+from patchddm_fast.train.checkpoints import LAST
 from patchddm_fast.train.logs import STEP_LOG, read_jsonl
 
 from train_helpers import tiny_config

@@ -6,14 +6,18 @@ import pytest
 import torch
 from train_helpers import tiny_config
 
-from patchddm_fast.train import LAST, load_trained_model, read_training_checkpoint, train
+from patchddm_fast.diffusion import NoiseSchedule, diffusion_loss
+from patchddm_fast.ops import philox_normal
+from patchddm_fast.train import load_trained_model, read_training_checkpoint, train
+from patchddm_fast.train.checkpoints import LAST
 from patchddm_fast.train.logs import STEP_LOG, VALIDATION_LOG, read_jsonl
 
 
 def test_short_run_lowers_the_loss(phantoms, tmp_path):
     out = tmp_path / "run"
     result = train(tiny_config(phantoms, out, steps=30, lr=2e-3, save_every=10, keep_every=20,
-                               validate_every=30, validate_cases=1, validate_steps=3, validate_ensemble=2),
+                               validate_every=30, validate_cases=1, validate_steps=3, validate_ensemble=2,
+                               prediction_type="epsilon"),
                    progress=False)
     records = read_jsonl(out / STEP_LOG)
     assert [r["step"] for r in records] == list(range(1, 31))
@@ -41,16 +45,16 @@ def test_checkpoint_contents(phantoms, tmp_path):
     train(tiny_config(phantoms, out, steps=3, save_every=100), progress=False)
     model, extra = read_training_checkpoint(out / LAST)
     assert (extra["step"], extra["samples_done"], extra["world_size"]) == (3, 6, 1)
-    assert extra["shapes"] == {"patch": [16] * 3, "volume": [24] * 3, "image_channels": 4}
+    assert (extra["patch_shape"], extra["volume_shape"], extra["image_channels"]) == ([16] * 3, [24] * 3, 4)
     assert extra["train_config"]["lr"] == 1e-3 and extra["train_config"]["checkpoint"] == "off"
     assert extra["ema"]["updates"] == 3 and extra["scaler"] is None
     assert set(extra["rng"]) == {"torch", "cuda", "numpy", "python"}
     ema_model, info = load_trained_model(out / LAST)
     raw_model, raw_info = load_trained_model(out / LAST, ema=False)
-    assert info["ema"] and not raw_info["ema"] and not ema_model.training
-    assert info["volume_shape"] == (24, 24, 24) and info["patch_shape"] == (16, 16, 16)
-    assert info["schedule"]["name"] == "linear" and info["schedule"]["num_timesteps"] == 1000
-    assert info["step"] == 3 and math.isclose(info["last_loss"], extra["last_loss"])
+    assert info.ema_weights and not raw_info.ema_weights and not ema_model.training
+    assert info.volume_shape == (24, 24, 24) and info.patch_shape == (16, 16, 16)
+    assert info.schedule.name == "linear" and info.schedule.num_timesteps == 1000
+    assert info.step == 3 and math.isclose(info.last_loss, extra["last_loss"])
     for name, value in raw_model.state_dict().items():
         assert torch.equal(value, model.state_dict()[name])
     differs = [n for n, v in ema_model.state_dict().items() if not torch.equal(v, raw_model.state_dict()[n])]
@@ -106,3 +110,42 @@ def test_non_finite_gradients_skip_the_update_then_stop_the_run(phantoms, tmp_pa
     for name, value in good.state_dict().items():
         assert torch.equal(model.state_dict()[name], value), name
     assert [r["step"] for r in read_jsonl(out / STEP_LOG)] == [1, 2, 3, 4, 5]
+
+
+
+def test_x0_target_trains_and_is_recorded(phantoms, tmp_path):
+    out = tmp_path / "run"
+    result = train(tiny_config(phantoms, out, steps=30, lr=2e-3, save_every=30, prediction_type="sample"),
+                   progress=False)
+    losses = [r["loss"] for r in read_jsonl(out / STEP_LOG)]
+    # From a zero output the x0 loss is the tumour fraction of the patches; training must cut it.
+    first, last = sum(losses[:5]) / 5, sum(losses[-10:]) / 10
+    assert last < 0.8 * first, (first, last)
+    _, info = load_trained_model(result.checkpoint)
+    assert info.prediction_type == "sample"
+    _, extra = read_training_checkpoint(result.checkpoint)
+    assert extra["train_config"]["prediction_type"] == "sample"
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_the_loss_targets_what_the_prediction_type_names(prediction_type):
+    schedule = NoiseSchedule.linear()
+    mask = (torch.rand(2, 1, 4, 4, 4) > 0.7).float()
+    model_input = torch.zeros(2, 8, 4, 4, 4)
+    timesteps, seeds = torch.tensor([10, 900]), [5, 6]
+    seen = {}
+
+    def model(x, t):
+        seen["x_t"] = x[:, 7:].clone()
+        return torch.zeros_like(mask)
+
+    loss = diffusion_loss(model, model_input, mask, schedule, timesteps=timesteps, seed=seeds,
+                          prediction_type=prediction_type)
+    noise = torch.cat([philox_normal((1, 1, 4, 4, 4), seed) for seed in seeds]).double()
+    ab = schedule.alpha_bar(timesteps).view(-1, 1, 1, 1, 1)
+    # float32 q_sample against float64: a few ulps of values below 5.
+    torch.testing.assert_close(seen["x_t"].double(), ab.sqrt() * mask + (1 - ab).sqrt() * noise, rtol=0, atol=1e-5)
+    target = {"epsilon": noise, "sample": mask.double(),
+              "v_prediction": ab.sqrt() * noise - (1 - ab).sqrt() * mask}[prediction_type]
+    # A zero prediction: the loss is the target's mean square, float32 sums of 128 terms.
+    assert float(loss) == pytest.approx(float((target ** 2).mean()), rel=1e-5)

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from patchddm_fast.checkpoint_info import CheckpointInfo
+from patchddm_fast.diffusion import NoiseSchedule
 from patchddm_fast.nn import CheckpointMismatchError, UNet3D, save_checkpoint
 from patchddm_fast.nn.config import SMALL
 from patchddm_fast.train import load_trained_model, read_training_checkpoint
@@ -32,10 +34,32 @@ def test_network_checkpoint_without_training_state(tmp_path):
     save_checkpoint(UNet3D(SMALL), path)
     model, info = load_trained_model(path)
     assert model.config == SMALL and not model.training
-    assert info["volume_shape"] is None and info["step"] is None and not info["ema"]
-    assert info["schedule"]["name"] == "linear" and info["image_channels"] == 4
+    assert info.volume_shape is None and info.step is None and not info.ema_weights
+    assert info.schedule.name == "linear" and info.image_channels == 4
     with pytest.raises(CheckpointMismatchError, match="without training state"):
         read_training_checkpoint(path)
+
+
+def test_checkpoints_of_the_earlier_trainer_format_load(tmp_path):
+    """The trainer used to record the shapes under extra["shapes"]; such checkpoints still load."""
+    path = tmp_path / "old.pt"
+    schedule = {"name": "linear", "num_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02}
+    save_checkpoint(UNet3D(SMALL), path, kind="patchddm_fast.train", version=1, step=7, schedule=schedule,
+                    shapes={"patch": [32] * 3, "volume": [64] * 3, "image_channels": 4}, precision="fp32",
+                    last_loss=0.5, ema=None)
+    _, info = load_trained_model(path)
+    assert (info.volume_shape, info.patch_shape, info.image_channels) == ((64,) * 3, (32,) * 3, 4)
+    assert info.step == 7 and info.precision == "fp32" and info.schedule.to_dict() == schedule
+
+
+def test_checkpoint_info_round_trip():
+    info = CheckpointInfo(NoiseSchedule.cosine(50), volume_shape=(64, 64, 48), patch_shape=(32, 32, 32),
+                          image_channels=4, step=3, precision="bf16", last_loss=0.25, train_config={"seed": 1})
+    again = CheckpointInfo.from_dict(info.to_dict())
+    assert again == info and again.schedule.to_dict() == info.schedule.to_dict()
+    assert torch.equal(again.schedule.betas, info.schedule.betas)
+    with pytest.raises(CheckpointMismatchError, match="noise schedule"):
+        CheckpointInfo.from_dict({"schedule": {"name": "quadratic"}})
 
 
 def test_rng_states_round_trip():

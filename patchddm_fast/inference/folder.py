@@ -1,0 +1,106 @@
+"""`patchddm sample` on a folder: every case of INPUT segmented into OUTPUT, a failing case
+reported while the others go on, each case's outcome recorded in OUTPUT/sampling.json."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..data import CaseError, DataError, find_cases
+from ..device import resolve_device
+from .model import load_model
+from .outputs import OUTPUT_KINDS, output_path, write_case_outputs
+from .run_log import update_run_log
+from .segmenter import SamplingSettings, Segmenter, case_seed
+
+
+@dataclass
+class CaseOutcome:
+    case_id: str
+    status: str  # "ok", "failed", "skipped"
+    message: str = ""
+    seconds: float = 0.0
+    outputs: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)
+
+
+@dataclass
+class SampleReport:
+    outcomes: list[CaseOutcome]
+    output_dir: Path
+
+    @property
+    def failed(self) -> list[CaseOutcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+    @property
+    def succeeded(self) -> list[CaseOutcome]:
+        return [o for o in self.outcomes if o.status == "ok"]
+
+
+def _print(message: str) -> None:
+    print(message, flush=True)
+
+
+def sample_folder(checkpoint: str | os.PathLike, input_path: str | os.PathLike, output_dir: str | os.PathLike,
+                  settings: SamplingSettings, *, device: str = "auto", skip_existing: bool = False,
+                  montage: bool = True, progress: bool = True,
+                  log: Callable[[str], None] = _print) -> SampleReport:
+    """Samples every case of `input_path` (one case folder, or a folder of cases) into
+    output_dir. Problems with single cases are reported in the returned SampleReport; problems
+    with the whole run (no cases, unreadable checkpoint) raise DataError or
+    CheckpointMismatchError before anything is written."""
+    output_dir = Path(output_dir).expanduser()
+    if output_dir.exists() and not output_dir.is_dir():
+        raise DataError(f"{output_dir}: exists and is not a folder")
+    cases, report = find_cases(input_path, with_label=False)
+    # An OUTPUT inside INPUT holds our own results, not a case.
+    outputs = output_dir.resolve()
+    cases = [c for c in cases if not c.folder.resolve().is_relative_to(outputs)]
+    problems = [p for p in report.errors if not (p.case_id == output_dir.name and outputs.is_relative_to(
+        Path(input_path).expanduser().resolve()))]
+    if not cases and not problems:
+        raise DataError(f"{input_path}: holds no case besides the output folder {output_dir}")
+    loaded = load_model(checkpoint, device=resolve_device(device))
+    segmenter = Segmenter(loaded, settings, progress=progress)
+    segmenter.sampler()  # checks the steps against the model's schedule before any work
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    outcomes = [CaseOutcome(p.case_id, "failed", p.message) for p in problems]
+    for outcome in outcomes:
+        log(f"{outcome.case_id}: FAILED: {outcome.message}")
+    log(f"{len(cases)} case(s) to sample from {input_path} on {loaded.device} ({settings.steps} steps, "
+        f"ensemble {settings.ensemble}, {settings.precision}{', tiled' if settings.tiled else ''}; volume grid "
+        f"{segmenter.volume_shape}) into {output_dir}")
+    for number, case in enumerate(cases, 1):
+        prefix = f"[{number}/{len(cases)}] {case.case_id}"
+        if skip_existing and all(output_path(output_dir, case.case_id, k).exists()
+                                 for k in OUTPUT_KINDS if montage or k != "montage"):
+            outcomes.append(CaseOutcome(case.case_id, "skipped", "outputs exist"))
+            log(f"{prefix}: skipped (outputs exist)")
+            continue
+        start = time.perf_counter()
+        seed = case_seed(settings.seed, case.case_id)
+        try:
+            prepared = segmenter.prepare(case)
+            result = segmenter.segment(prepared, seed=seed)
+            written = write_case_outputs(output_dir, prepared, result, montage=montage)
+        except (CaseError, FloatingPointError, MemoryError, ValueError, RuntimeError, OSError) as error:
+            message = str(error).removeprefix(f"{case.case_id}: ").splitlines()[0]
+            outcome = CaseOutcome(case.case_id, "failed", message, time.perf_counter() - start)
+            log(f"{prefix}: FAILED: {message}")
+        else:
+            outcome = CaseOutcome(case.case_id, "ok", "", time.perf_counter() - start, written,
+                                  list(prepared.warnings))
+            mask, std = (prepared.meta.to_original(v.cpu().numpy()) for v in (result.mask, result.std))
+            tumour = int(mask.sum())  # on the case's own grid, not the padding
+            log(f"{prefix}: done in {outcome.seconds:.1f} s, {tumour} tumour voxels "
+                f"(mean uncertainty in the tumour {float(std[mask].mean()) if tumour else 0.0:.3f})")
+            for note in prepared.warnings:
+                log(f"{prefix}: warning: {note}")
+        outcomes.append(outcome)
+        update_run_log(output_dir, settings, loaded.path, outcome, seed)
+    return SampleReport(outcomes, output_dir)
