@@ -117,9 +117,17 @@ class NoiseSchedule:
     @classmethod
     def from_dict(cls, data: dict) -> "NoiseSchedule":
         """The schedule of to_dict's data. A linear or cosine schedule may leave out its
-        parameters (their defaults: PatchDDM's 1000 steps from 1e-4 to 0.02)."""
+        parameters (their defaults: PatchDDM's 1000 steps from 1e-4 to 0.02). A linear one that
+        gives num_timesteps but neither beta is guided-diffusion's named schedule (from_name:
+        betas scaled by 1000 / num_timesteps); betas given are taken as given."""
         data = dict(data)
         name = data.pop("name", "linear")
+        if "betas" in data:  # recorded as the betas themselves (a custom or diffusers-built schedule)
+            _settings({k: v for k, v in data.items() if k != "betas"}, ())
+            return cls(data["betas"], str(name))
+        if name == "linear" and not {"beta_start", "beta_end"} & set(data):
+            _settings(data, ("num_timesteps",))
+            return cls.from_name("linear", int(data.get("num_timesteps", 1000)))
         if name == "linear":
             return cls.linear(**_settings(data, ("num_timesteps", "beta_start", "beta_end")))
         if name == "cosine":

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from patchddm_fast.diffusion import NoiseSchedule
+from patchddm_fast.diffusion import DDPMScheduler, NoiseSchedule
 
 
 def test_linear_schedule_closed_form():
@@ -76,6 +76,19 @@ def test_named_linear_scales_by_1000_over_T_and_explicit_ends_do_not(T):
     assert float(explicit[0]) == 1e-4 and float(explicit[-1]) == pytest.approx(0.02, rel=1e-15)
     if T == 1000:  # PatchDDM's schedule: the two agree
         assert torch.equal(NoiseSchedule.from_name("linear").betas, NoiseSchedule.linear().betas)
+
+
+def test_a_recorded_linear_schedule_without_betas_is_the_named_one():
+    # to_dict records the betas' ends: taken as given; a record with only the step count is
+    # guided-diffusion's named schedule, scaled as from_name
+    assert torch.equal(NoiseSchedule.from_dict({"name": "linear", "num_timesteps": 50}).betas,
+                       NoiseSchedule.from_name("linear", 50).betas)
+    explicit = NoiseSchedule.linear(50)
+    assert torch.equal(NoiseSchedule.from_dict(explicit.to_dict()).betas, explicit.betas)
+    assert torch.equal(NoiseSchedule.from_dict({"name": "linear"}).betas, NoiseSchedule.linear().betas)
+    # a schedule recorded by its betas (e.g. a scheduler's, built as diffusers builds it)
+    built = DDPMScheduler(num_train_timesteps=50).schedule
+    assert torch.equal(NoiseSchedule.from_dict(built.to_dict()).betas, built.betas)
 
 
 def test_named_linear_refuses_betas_of_one_or_more():
