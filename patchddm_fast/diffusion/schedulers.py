@@ -235,7 +235,8 @@ class _Scheduler:
             if config.pop(name, allowed) != allowed:
                 raise ValueError(f"{type(self).__name__}: {name}={not allowed} is not supported")
         if patchddm_form:
-            if config.get("timestep_spacing") == "linspace":
+            if settings.get("timestep_spacing") == "linspace" and "patchddm" in self._spacings \
+                    and self._patchddm_defaults.get("timestep_spacing") == "patchddm":
                 warnings.warn("timestep_spacing='linspace' with a NoiseSchedule as first argument is read as the "
                               "original PatchDDM spacing, now named 'patchddm'; pass timestep_spacing='patchddm' "
                               "(diffusers' 'linspace' is another list, taken when the schedule is given by keyword)",

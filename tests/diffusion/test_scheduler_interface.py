@@ -8,8 +8,8 @@ import warnings
 import pytest
 import torch
 
-from patchddm_fast.diffusion import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, NoiseSchedule,
-                                     StepOutput, default_offset, sample_loop)
+from patchddm_fast.diffusion import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, FullVolumeSampler,
+                                     NoiseSchedule, PlanOptions, StepOutput, default_offset, sample_loop)
 from patchddm_fast.ops import philox_normal
 
 from diffusion_models import LocalConvModel, OracleModel
@@ -47,6 +47,9 @@ def test_patchddm_form_keeps_the_original_sampler_settings():
     assert (s.timestep_spacing, s.set_alpha_to_one, s.config.use_clipped_model_output) == ("patchddm", False, True)
     assert float(s.final_alpha_cumprod) == float(SCHEDULE.alphas_cumprod[0]) and s.schedule is SCHEDULE
     assert DDPMScheduler(SCHEDULE).timestep_spacing == "patchddm"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # diffusers' linspace, DPM-Solver's default: no warning
+        assert DPMSolverMultistepScheduler(SCHEDULE).timestep_spacing == "linspace"
     # the original-exact sampler's call (sampling.original_ddim_sample) gives the original list
     with pytest.warns(DeprecationWarning, match="now named 'patchddm'"):
         original = DDIMScheduler(NoiseSchedule.linear(), eta=0.0, clip_sample=True, set_alpha_to_one=False,
@@ -256,6 +259,25 @@ def test_dpm_solver_runs_in_the_projects_sampling_loop():
     torch.testing.assert_close(sample, OracleModel.target(condition), rtol=0, atol=64 * 2.0**-24 * 5 * 156)
     again = sample_loop(OracleModel(), s, condition, noise)  # a step at timesteps[0] starts a new run
     assert torch.equal(again, sample)
+
+
+@pytest.mark.parametrize("options", [dict(max_batch=2), dict(tiled=True, tile_shape=(8, 8, 8), tile_overlap=4)],
+                         ids=["chunked", "tiled"])
+def test_dpm_solver_drives_the_full_volume_sampler(options):
+    # FullVolumeSampler steps a deterministic scheduler once per timestep on a whole chunk (the
+    # windows of a tiled volume are only model calls), so a multistep solver works in it as it
+    # is; each chunk starts again at timesteps[0]
+    volume = torch.randn(4, 12, 8, 8, generator=torch.Generator().manual_seed(0))
+    scheduler = DPMSolverMultistepScheduler(SCHEDULE).set_timesteps(5)
+    sampler = FullVolumeSampler(OracleModel(size_multiple=4).eval(), scheduler=scheduler, ensemble_size=3,
+                                options=PlanOptions(**options), progress=False)
+    result = sampler.sample(volume, seed=0, keep_samples=True)
+    assert result.plan.chunk_size == 2 if "max_batch" in options else result.plan.num_windows > 1
+    target = (volume[0] > 0).float()
+    # the oracle's x0 is exact, so every member lands on it (float32 rounding as above)
+    torch.testing.assert_close(result.samples, target.expand_as(result.samples), rtol=0,
+                               atol=64 * 2.0**-24 * 5 * 156)
+    assert torch.equal(result.mask, target.bool())
 
 
 def test_dpm_solver_needs_fewer_steps_than_ddim_on_gaussian_data():
