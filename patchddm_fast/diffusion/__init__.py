@@ -10,13 +10,14 @@ from .loss import LossOutput, diffusion_loss, model_input_buffer, sample_timeste
 from .plan import PlanOptions, SamplingPlan, VolumeTooLargeError
 from .sampling import ddim_sample, ddpm_sample, denoise, original_ddim_sample, sample_loop
 from .schedule import NoiseSchedule
+from .scheduler_names import SCHEDULER_NAMES, make_scheduler
 from .schedulers import (PREDICTION_TYPES, SPACINGS, DDIMScheduler, DDPMScheduler, SchedulerConfig, StepOutput,
                          default_offset, inference_timesteps)
 
 __all__ = [
     "DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "FullVolumeSampler", "LossOutput",
-    "NoiseSchedule", "PREDICTION_TYPES", "PlanOptions", "SPACINGS", "SamplingPlan", "SchedulerConfig",
+    "NoiseSchedule", "PREDICTION_TYPES", "PlanOptions", "SCHEDULER_NAMES", "SPACINGS", "SamplingPlan", "SchedulerConfig",
     "SegmentationResult", "StepOutput", "VolumeTooLargeError", "ddim_sample", "ddpm_sample", "default_offset",
-    "denoise", "diffusion_loss", "dpm_solver_timesteps", "inference_timesteps", "member_seeds", "model_input_buffer",
-    "original_ddim_sample", "sample_loop", "sample_timesteps",
+    "denoise", "diffusion_loss", "dpm_solver_timesteps", "inference_timesteps", "make_scheduler", "member_seeds",
+    "model_input_buffer", "original_ddim_sample", "sample_loop", "sample_timesteps",
 ]

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from patchddm_fast.diffusion import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, FullVolumeSampler,
-                                     NoiseSchedule, PlanOptions, StepOutput, default_offset, sample_loop)
+                                     NoiseSchedule, PlanOptions, StepOutput, default_offset, make_scheduler,
+                                     sample_loop)
 from patchddm_fast.ops import philox_normal
 
 from diffusion_models import LocalConvModel, OracleModel
@@ -315,6 +316,19 @@ def test_dpm_solver_refuses_steps_out_of_order():
         s.step(eps, t[2], x)
     with pytest.raises(ValueError, match="is not one of the 5 timesteps"):
         DPMSolverMultistepScheduler().set_timesteps(5).step(eps, 998, x)
+
+
+def test_schedulers_by_name_for_the_sample_command():
+    ddim = make_scheduler("ddim", SCHEDULE, 20, eta=0.5, prediction_type="v_prediction")
+    assert isinstance(ddim, DDIMScheduler) and ddim.eta == 0.5 and ddim.timestep_spacing == "patchddm"
+    assert ddim.prediction_type == "v_prediction" and ddim.num_inference_steps == 20
+    assert isinstance(make_scheduler("ddpm", SCHEDULE, 50), DDPMScheduler)
+    dpm = make_scheduler("dpmsolver++", SCHEDULE, 5)
+    assert isinstance(dpm, DPMSolverMultistepScheduler) and dpm.config.clip_sample and dpm.num_inference_steps == 5
+    with pytest.raises(ValueError, match="scheduler must be one of"):
+        make_scheduler("pndm", SCHEDULE, 5)
+    with pytest.raises(ValueError, match="eta applies to the ddim scheduler only"):
+        make_scheduler("dpmsolver++", SCHEDULE, 5, eta=0.5)
 
 
 # -- the README example ----------------------------------------------------------------------------
