@@ -221,7 +221,11 @@ def _dpm_cases():
     yield dict(beta_schedule="squaredcos_cap_v2")
 
 
-@pytest.mark.parametrize("kw", list(_dpm_cases()), ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
+def _case_id(kw):
+    return ",".join(f"{k}={v}" for k, v in kw.items()) or "default"
+
+
+@pytest.mark.parametrize("kw", list(_dpm_cases()), ids=_case_id)
 def test_dpm_solver_matches_diffusers(kw):
     for n in (1, 2, 3, 5, 10, 20):
         ours, theirs = DPMSolverMultistepScheduler(**kw), diffusers.DPMSolverMultistepScheduler(**kw)

@@ -106,7 +106,8 @@ def test_eta_and_generator_by_position_as_diffusers():
     s = DDIMScheduler().set_timesteps(10)
     x, eps = _x_eps()
     by_position = s.step(eps, 900, x, 0.5, False, torch.Generator().manual_seed(1))
-    by_keyword = s.step(eps, 900, x, eta=0.5, use_clipped_model_output=False, generator=torch.Generator().manual_seed(1))
+    by_keyword = s.step(eps, 900, x, eta=0.5, use_clipped_model_output=False,
+                        generator=torch.Generator().manual_seed(1))
     assert torch.equal(by_position.prev_sample, by_keyword.prev_sample)
     assert not torch.equal(by_position.prev_sample, s.step(eps, 900, x).prev_sample)  # eta 0.5 moved it
     d = DDPMScheduler().set_timesteps(10)
