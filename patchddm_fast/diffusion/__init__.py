@@ -17,7 +17,7 @@ from .schedulers import (PREDICTION_TYPES, SPACINGS, DDIMScheduler, DDPMSchedule
 __all__ = [
     "DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "FullVolumeSampler", "LossOutput",
     "NoiseSchedule", "PREDICTION_TYPES", "PlanOptions", "SCHEDULER_NAMES", "SPACINGS", "SamplingPlan",
-    "SchedulerConfig", "SegmentationResult", "StepOutput", "VolumeTooLargeError", "ddim_sample", "ddpm_sample", "default_offset",
-    "denoise", "diffusion_loss", "dpm_solver_timesteps", "inference_timesteps", "make_scheduler", "member_seeds",
-    "model_input_buffer", "original_ddim_sample", "sample_loop", "sample_timesteps",
+    "SchedulerConfig", "SegmentationResult", "StepOutput", "VolumeTooLargeError", "ddim_sample", "ddpm_sample",
+    "default_offset", "denoise", "diffusion_loss", "dpm_solver_timesteps", "inference_timesteps", "make_scheduler",
+    "member_seeds", "model_input_buffer", "original_ddim_sample", "sample_loop", "sample_timesteps",
 ]
