@@ -334,34 +334,56 @@ def test_schedulers_by_name_for_the_sample_command():
 
 # -- the README example ----------------------------------------------------------------------------
 
-README_EXAMPLE = '''
+README_SETUP = """
 import torch
 from patchddm_fast.diffusion import DDIMScheduler, DPMSolverMultistepScheduler
+from patchddm_fast.nn import UNet3D, UNetConfig
 
-# model(x, t): a PatchDDM UNet3D; condition: (1, 7, D, H, W), the 4 MR channels and 3 coordinates
+# a PatchDDM network (here a tiny untrained one; patchddm_fast.nn.load_checkpoint gives a trained one)
+model = UNet3D(UNetConfig(model_channels=8, channel_mult=(1, 2), num_res_blocks=1)).eval()
+condition = torch.randn(1, 7, 16, 16, 16)  # the 4 MR channels and 3 coordinate channels
+"""
+README_LOOP = """
 scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True,
                           set_alpha_to_one=False, timestep_spacing="trailing")
 scheduler.set_timesteps(20)
 sample = torch.randn_like(condition[:, :1]) * scheduler.init_noise_sigma
-for t in scheduler.timesteps:
-    noise_pred = model(torch.cat([condition, sample], dim=1), t.expand(1))
-    sample = scheduler.step(noise_pred, t, sample, eta=0.0).prev_sample
+with torch.no_grad():
+    for t in scheduler.timesteps:
+        noise_pred = model(torch.cat([condition, sample], dim=1), t)
+        sample = scheduler.step(noise_pred, t, sample, eta=0.0).prev_sample
 
-# DPM-Solver++(2M) from the same config, in 5 steps
+# DPM-Solver++(2M) from the same config: 5 steps
 scheduler = DPMSolverMultistepScheduler.from_config(scheduler.config)
 scheduler.set_timesteps(5)
 sample = torch.randn_like(condition[:, :1]) * scheduler.init_noise_sigma
-for t in scheduler.timesteps:
-    noise_pred = model(torch.cat([condition, sample], dim=1), t.expand(1))
-    sample = scheduler.step(noise_pred, t, sample).prev_sample
-mask = sample > 0.5
-'''
+with torch.no_grad():
+    for t in scheduler.timesteps:
+        noise_pred = model(torch.cat([condition, sample], dim=1), t)
+        sample = scheduler.step(noise_pred, t, sample).prev_sample
+mask = sample > 0.5  # the tumour
+"""
+README_EXAMPLE = README_SETUP + README_LOOP  # for README.md, as one ```python block
+
+
+def _run(code: str, namespace: dict) -> dict:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no deprecation in the documented use
+        exec(compile(code, "README example", "exec"), namespace)
+    return namespace
 
 
 def test_readme_example_runs_as_written():
+    namespace = _run(README_EXAMPLE, {})
+    assert namespace["mask"].shape == (1, 1, 16, 16, 16) and bool(namespace["sample"].isfinite().all())
+
+
+def test_readme_loop_with_an_oracle_lands_on_the_target():
     condition = torch.randn(1, 7, 8, 8, 8)
-    namespace = {"model": OracleModel(), "condition": condition}
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no deprecation in the documented use
-        exec(compile(README_EXAMPLE, "README example", "exec"), namespace)
+
+    def oracle(x, t):  # the README calls model(x, t) with a 0-d timestep
+        return OracleModel()(x, t.reshape(1))
+
+    imports = "\n".join(line for line in README_SETUP.splitlines() if line.startswith(("import", "from")))
+    namespace = _run(imports + README_LOOP, {"model": oracle, "condition": condition})
     assert torch.equal(namespace["mask"], OracleModel.target(condition) > 0.5)
