@@ -261,8 +261,8 @@ class _Scheduler:
             raise ValueError(f"steps_offset must be an int >= 0, got {offset!r}")
         if "clip_sample_range" in config and not config["clip_sample_range"] > 0:
             raise ValueError(f"clip_sample_range must be > 0, got {config['clip_sample_range']!r}")
-        if patchddm_form:
-            unset = [k for k in unset if k not in _SCHEDULE_SETTINGS]
+        if patchddm_form:  # the schedule and the PatchDDM defaults are carried over too
+            unset = [k for k in unset if k not in _SCHEDULE_SETTINGS and k not in self._patchddm_defaults]
         self.config = SchedulerConfig(config, _use_default_values=unset)
         # before set_timesteps: every training timestep, descending (diffusers' initial list)
         self._use_timesteps(np.arange(self.num_train_timesteps)[::-1], custom=False)
@@ -409,14 +409,14 @@ class _Scheduler:
     def _noise_source(self, sample, t, generator, variance_noise, seed, offset, member):
         """(z or None, seed, offset): an explicit noise tensor (variance_noise, or drawn from
         generator as diffusers draws it), else the Philox key of the fused kernel."""
-        if variance_noise is not None and generator is not None:
-            raise ValueError("step: give generator or variance_noise, not both")
+        if sum(v is not None for v in (variance_noise, generator, seed)) > 1:
+            raise ValueError("step: give one of variance_noise, generator and seed, not more")
         if variance_noise is not None:
             if tuple(variance_noise.shape) != tuple(sample.shape):
                 raise ValueError(f"step: variance_noise has shape {tuple(variance_noise.shape)}, expected "
                                  f"{tuple(sample.shape)} like the sample")
             return variance_noise, None, None
-        if generator is not None and seed is None:
+        if generator is not None:
             if not isinstance(generator, torch.Generator):
                 raise TypeError(f"step: generator must be a torch.Generator, got {type(generator).__name__}")
             z = torch.randn(tuple(sample.shape), generator=generator, device=generator.device, dtype=sample.dtype)

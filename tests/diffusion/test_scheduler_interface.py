@@ -78,12 +78,28 @@ def test_errors_name_the_argument():
         DPMSolverMultistepScheduler(sigma=1)
     s = DDIMScheduler().set_timesteps(5)
     x, eps = _x_eps()
-    with pytest.raises(ValueError, match="give generator or variance_noise, not both"):
+    with pytest.raises(ValueError, match="give one of variance_noise, generator and seed, not more"):
         s.step(eps, 799, x, 0.5, generator=torch.Generator(), variance_noise=eps)
+    with pytest.raises(ValueError, match="give one of variance_noise, generator and seed, not more"):
+        DDPMScheduler().step(eps, 999, x, torch.Generator(), seed=1)
     with pytest.raises(ValueError, match="variance_noise has shape"):
         s.step(eps, 799, x, 0.5, variance_noise=eps[:1])
     with pytest.raises(ValueError, match="member must be an int >= 0"):
         s.step(eps, 799, x, 0.5, member=-1)
+
+
+def test_config_round_trips_and_schedulers_copy():
+    import copy
+    import pickle
+
+    for s in (DDIMScheduler(SCHEDULE, eta=0.3), DDIMScheduler(timestep_spacing="trailing", set_alpha_to_one=False),
+              DDPMScheduler(variance_type="fixed_large"), DPMSolverMultistepScheduler(solver_type="heun")):
+        again = type(s).from_config(s.config)
+        assert dict(again.config) == dict(s.config) and torch.equal(again.alphas_cumprod, s.alphas_cumprod)
+        clone = pickle.loads(pickle.dumps(copy.deepcopy(s)))
+        assert dict(clone.config) == dict(s.config)
+    # the PatchDDM form's settings travel with its config (they are not diffusers' defaults)
+    assert DDIMScheduler.from_config(DDIMScheduler(SCHEDULE).config).timestep_spacing == "patchddm"
 
 
 # -- step and its output -------------------------------------------------------------------------
