@@ -20,11 +20,17 @@ alpha_bar[0]) and use_clipped_model_output=True (the noise re-derived from the c
 (`out["prev_sample"]`) and index (`out[0]`), and it unpacks like MONAI's tuple
 (`prev, x0 = out`). The update runs as one fused pass (patchddm_fast.ops.ddim_step /
 ddpm_step) that can write straight into a caller's buffer (`out=`, e.g. the x_t channel of the
-model input). Noise comes from, in this order: `variance_noise` (a tensor), `generator` (drawn
-as diffusers draws it, so the same generator state gives diffusers' noise), or the in-kernel
-Philox generator keyed by (seed, offset). The default offset follows the timestep and the
-ensemble member (`default_offset`), so one seed for a whole run draws fresh noise at every step
-and for every member, and the same seed reproduces the run.
+model input); diffusers' default DDIM (x0 clipped, the model's noise kept) adds one pass that
+moves the result by the clipping.
+
+Noise comes from one of: `seed` (or none given: a seed drawn from torch's generator), the
+in-kernel Philox generator keyed by (seed, offset); `generator`, drawn as diffusers draws it,
+so the same generator state gives diffusers' noise; `variance_noise`, a tensor. The last two,
+and the few settings the kernels do not cover (clip_sample_range other than 1, an x0 or v
+prediction clipped without re-deriving the noise, fixed_large noise on a last step at t > 0),
+run the update as a few PyTorch ops in the sample's precision. The default Philox offset follows
+the timestep and the ensemble member (`default_offset`), so one seed for a whole run draws fresh
+noise at every step and for every member, and the same seed reproduces the run.
 """
 
 from __future__ import annotations
