@@ -226,12 +226,19 @@ class _Scheduler:
     _diffusers_defaults: dict = {}
 
     def _setup(self, schedule, settings: dict) -> None:
-        """settings: the constructor's keyword arguments, None where not given."""
+        """settings: the constructor's keyword arguments, None where not given. schedule: a
+        NoiseSchedule (the PatchDDM form), None, or an int: num_train_timesteps given by
+        position, as diffusers' first parameter."""
+        if isinstance(schedule, (int, np.integer)) and not isinstance(schedule, bool):
+            if settings.get("num_train_timesteps") is not None:
+                raise TypeError(f"{type(self).__name__}: num_train_timesteps given twice")
+            settings = {**settings, "num_train_timesteps": int(schedule)}
+            schedule = None
         patchddm_form = schedule is not None
         if patchddm_form and not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"{type(self).__name__}: the first argument must be a NoiseSchedule (the PatchDDM form) "
-                            f"or absent; got {type(schedule).__name__}. Give diffusers' settings by keyword, "
-                            f"e.g. {type(self).__name__}(num_train_timesteps=1000)")
+                            f"or num_train_timesteps (an int); got {type(schedule).__name__}. Give diffusers' "
+                            f"other settings by keyword, e.g. {type(self).__name__}(1000, beta_schedule='linear')")
         defaults = {**self._diffusers_defaults, **(self._patchddm_defaults if patchddm_form else {})}
         config = {k: (defaults[k] if v is None and k in defaults else v) for k, v in settings.items()}
         # as diffusers: the settings left at their defaults, which from_config does not carry over

@@ -36,6 +36,11 @@ def test_constructed_from_diffusers_keywords_with_their_defaults():
     assert s.betas.shape == s.alphas_cumprod.shape == (1000,) and float(s.final_alpha_cumprod) == 1.0
     with pytest.raises(TypeError, match="read-only"):
         s.config["eta"] = 1.0
+    # num_train_timesteps by position, as diffusers' first parameter
+    for cls in (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler):
+        by_position = cls(500)
+        assert by_position.config.num_train_timesteps == by_position.num_train_timesteps == 500
+        assert "num_train_timesteps" not in by_position.config["_use_default_values"]
     d = DDIMScheduler()  # diffusers' defaults
     assert (d.config.timestep_spacing, d.config.set_alpha_to_one, d.config.clip_sample) == ("leading", True, True)
     assert d.config.use_clipped_model_output is False
@@ -60,8 +65,10 @@ def test_patchddm_form_keeps_the_original_sampler_settings():
 
 
 def test_errors_name_the_argument():
-    with pytest.raises(TypeError, match="first argument must be a NoiseSchedule.*num_train_timesteps=1000"):
-        DDIMScheduler(1000)
+    with pytest.raises(TypeError, match=r"first argument must be a NoiseSchedule \(the PatchDDM form\) or num_train_timesteps"):
+        DDIMScheduler("linear")
+    with pytest.raises(TypeError, match="num_train_timesteps given twice"):
+        DDIMScheduler(1000, num_train_timesteps=1000)
     with pytest.raises(ValueError, match="give either a NoiseSchedule or num_train_timesteps"):
         DDIMScheduler(SCHEDULE, num_train_timesteps=1000)
     with pytest.raises(ValueError, match="beta_schedule must be one of"):
