@@ -108,6 +108,20 @@ def test_patchddm_spacing_is_its_own_list():
     assert differ == 139
 
 
+def test_patchddm_spacing_ddpm_is_diffusers_ddpm_on_those_timesteps():
+    # diffusers' DDPM takes a custom list and steps to the next listed timestep, as our
+    # PatchDDM spacing does: given the PatchDDM list, the two agree
+    ours = DDPMScheduler(timestep_spacing="patchddm").set_timesteps(6)
+    theirs = diffusers.DDPMScheduler()
+    theirs.set_timesteps(timesteps=ours.timesteps.tolist())
+    for k, t in enumerate(theirs.timesteps):
+        x, out, _ = _inputs(k)
+        want = theirs.step(out, t, x, torch.Generator().manual_seed(k))
+        got = ours.step(out, t, x, torch.Generator().manual_seed(k))
+        atol = step_atol(float(ours.alphas_cumprod[int(t)]), x, out, want.pred_original_sample)  # docstring
+        torch.testing.assert_close(got.prev_sample, want.prev_sample, rtol=0, atol=atol)
+
+
 def _ddim_cases():
     for spacing in ("leading", "trailing", "linspace"):
         for prediction_type in ("epsilon", "sample", "v_prediction"):

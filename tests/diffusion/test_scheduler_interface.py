@@ -2,18 +2,22 @@
 the PatchDDM form's call forms kept working; noise that never repeats by accident;
 DPM-Solver++ on the sampling loop and against an oracle; the README example."""
 
+import copy
 import math
+import pickle
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
+from diffusion_models import LocalConvModel, OracleModel
 from patchddm_fast.diffusion import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, FullVolumeSampler,
                                      NoiseSchedule, PlanOptions, StepOutput, default_offset, make_scheduler,
                                      sample_loop)
+from patchddm_fast.nn import load_original_checkpoint
 from patchddm_fast.ops import philox_normal
-
-from diffusion_models import LocalConvModel, OracleModel
+from test_golden_ddim import SAMPLE_RTOL
 
 SCHEDULE = NoiseSchedule.linear()
 SHAPE = (2, 1, 8, 8, 8)
@@ -96,9 +100,6 @@ def test_errors_name_the_argument():
 
 
 def test_config_round_trips_and_schedulers_copy():
-    import copy
-    import pickle
-
     for s in (DDIMScheduler(SCHEDULE, eta=0.3), DDIMScheduler(timestep_spacing="trailing", set_alpha_to_one=False),
               DDPMScheduler(variance_type="fixed_large"), DPMSolverMultistepScheduler(solver_type="heun")):
         again = type(s).from_config(s.config)
@@ -185,6 +186,22 @@ def test_clip_sample_range_and_use_clipped_model_output():
         # re-derived noise): 64 ulps of the operands (below 16)
         torch.testing.assert_close(out.prev_sample.double(), want, rtol=0, atol=64 * 2.0**-24 * 16)
         assert float(out.pred_original_sample.abs().max()) <= 0.5
+
+
+def test_patchddm_spacing_given_by_keyword_reproduces_the_golden_sample(golden_dir):
+    # The original sampler in diffusers' terms (its own spacing, the last step to alpha_bar[0],
+    # the noise re-derived from the clipped x0); the betas are diffusers' float32 ones here
+    # (1e-9 relative from the original's float64), far inside the golden tolerance.
+    data = np.load(f"{golden_dir}/reference_unet_small.npz")
+    model = load_original_checkpoint(f"{golden_dir}/reference_unet_small.npz")
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True,
+                              set_alpha_to_one=False, timestep_spacing="patchddm", use_clipped_model_output=True)
+    scheduler.set_timesteps(int(data["ddim_sampling_steps"]))
+    sample = sample_loop(model, scheduler, torch.from_numpy(data["ddim_condition"]),
+                         torch.from_numpy(data["ddim_initial_noise"]))
+    expected = torch.from_numpy(data["ddim_sample"])
+    # the golden tolerance and its reasons: test_golden_ddim.py's module docstring
+    assert float((sample - expected).abs().max() / expected.abs().max()) < SAMPLE_RTOL
 
 
 # -- noise that never repeats by accident (issue 15, item 2) --------------------------------------
