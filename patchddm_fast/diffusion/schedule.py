@@ -11,6 +11,9 @@ import math
 
 import torch
 
+# guided-diffusion's linear schedule for 1000 steps (PatchDDM's); scaled by 1000 / T by from_name
+LINEAR_BETA_START, LINEAR_BETA_END = 1e-4, 0.02
+
 
 class NoiseSchedule:
     """A discrete forward process with T steps, t = 0 .. T-1.
@@ -60,10 +63,21 @@ class NoiseSchedule:
 
     @classmethod
     def linear(cls, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> "NoiseSchedule":
-        """Betas evenly spaced from beta_start to beta_end (Ho et al. 2020; PatchDDM's schedule)."""
+        """Betas evenly spaced from beta_start to beta_end, taken as given for any num_timesteps
+        (as diffusers' beta_schedule="linear" does). For guided-diffusion's named "linear"
+        schedule, which scales both ends by 1000 / num_timesteps, use from_name("linear", T)."""
         _check_steps(num_timesteps)
         return cls(torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64), "linear",
                    {"num_timesteps": num_timesteps, "beta_start": float(beta_start), "beta_end": float(beta_end)})
+
+    @classmethod
+    def scaled_linear(cls, num_timesteps: int = 1000, beta_start: float = 0.00085,
+                      beta_end: float = 0.012) -> "NoiseSchedule":
+        """sqrt(beta) evenly spaced from sqrt(beta_start) to sqrt(beta_end) (diffusers'
+        "scaled_linear", latent diffusion's schedule), taken as given."""
+        _check_steps(num_timesteps)
+        roots = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_timesteps, dtype=torch.float64)
+        return cls(roots ** 2, "scaled_linear")
 
     @classmethod
     def cosine(cls, num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> "NoiseSchedule":
@@ -77,8 +91,21 @@ class NoiseSchedule:
 
     @classmethod
     def from_name(cls, name: str, num_timesteps: int = 1000) -> "NoiseSchedule":
+        """guided-diffusion's named schedules (get_named_beta_schedule), PatchDDM's origin.
+
+        "linear": betas from 1e-4 to 0.02 scaled by 1000 / num_timesteps, so that any number of
+        steps spans the same noise levels (the 1000-step schedule unchanged; 0.4 at the end of a
+        50-step one); "cosine": Nichol & Dhariwal's. Betas given explicitly (NoiseSchedule.linear,
+        the schedulers' beta_start / beta_end) are never scaled, as in diffusers.
+        """
         if name == "linear":
-            return cls.linear(num_timesteps)
+            _check_steps(num_timesteps)
+            scale = 1000 / num_timesteps
+            if scale * LINEAR_BETA_END >= 1:
+                raise ValueError(f"the named 'linear' schedule scales its betas by 1000 / num_timesteps; with "
+                                 f"num_timesteps={num_timesteps} the last beta would be {scale * LINEAR_BETA_END:g} "
+                                 f">= 1 (it needs num_timesteps > {int(1000 * LINEAR_BETA_END)})")
+            return cls.linear(num_timesteps, scale * LINEAR_BETA_START, scale * LINEAR_BETA_END)
         if name == "cosine":
             return cls.cosine(num_timesteps)
         raise ValueError(f"unknown beta schedule {name!r}; expected 'linear' or 'cosine'")
@@ -90,9 +117,17 @@ class NoiseSchedule:
     @classmethod
     def from_dict(cls, data: dict) -> "NoiseSchedule":
         """The schedule of to_dict's data. A linear or cosine schedule may leave out its
-        parameters (their defaults: PatchDDM's 1000 steps from 1e-4 to 0.02)."""
+        parameters (their defaults: PatchDDM's 1000 steps from 1e-4 to 0.02). A linear one that
+        gives num_timesteps but neither beta is guided-diffusion's named schedule (from_name:
+        betas scaled by 1000 / num_timesteps); betas given are taken as given."""
         data = dict(data)
         name = data.pop("name", "linear")
+        if "betas" in data:  # recorded as the betas themselves (a custom or diffusers-built schedule)
+            _settings({k: v for k, v in data.items() if k != "betas"}, ())
+            return cls(data["betas"], str(name))
+        if name == "linear" and not {"beta_start", "beta_end"} & set(data):
+            _settings(data, ("num_timesteps",))
+            return cls.from_name("linear", int(data.get("num_timesteps", 1000)))
         if name == "linear":
             return cls.linear(**_settings(data, ("num_timesteps", "beta_start", "beta_end")))
         if name == "cosine":

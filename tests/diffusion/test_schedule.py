@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from patchddm_fast.diffusion import NoiseSchedule
+from patchddm_fast.diffusion import DDPMScheduler, NoiseSchedule
 
 
 def test_linear_schedule_closed_form():
@@ -53,13 +53,47 @@ def test_cosine_schedule_closed_form():
 
 def test_from_name_and_alpha_bar_lookup():
     s = NoiseSchedule.from_name("linear", 50)
-    assert len(s) == 50 and float(s.betas[-1]) == pytest.approx(0.02)
+    # guided-diffusion's named schedule: both ends scaled by 1000 / 50 = 20 (test below)
+    assert len(s) == 50 and float(s.betas[-1]) == pytest.approx(0.4)
     assert NoiseSchedule.from_name("cosine").name == "cosine"
     assert s.alpha_bar([0, 49]).tolist() == [float(s.alphas_cumprod[0]), float(s.alphas_cumprod[49])]
     with pytest.raises(ValueError, match="timesteps must lie in"):
         s.alpha_bar(50)
     with pytest.raises(ValueError, match="unknown beta schedule"):
         NoiseSchedule.from_name("quadratic")
+
+
+@pytest.mark.parametrize("T", [21, 50, 100, 250, 1000, 4000])
+def test_named_linear_scales_by_1000_over_T_and_explicit_ends_do_not(T):
+    # guided-diffusion's get_named_beta_schedule("linear", T), restated: scale = 1000 / T,
+    # np.linspace(scale * 1e-4, scale * 0.02, T) in float64
+    scale = 1000 / T
+    expected = np.linspace(scale * 0.0001, scale * 0.02, T, dtype=np.float64)
+    # float64 linspace by torch and by numpy: at most 1 ulp of the largest beta (< 1).
+    np.testing.assert_allclose(NoiseSchedule.from_name("linear", T).betas.numpy(), expected, rtol=0, atol=2.3e-16)
+    # explicit ends are taken as given, as diffusers' beta_start / beta_end (never scaled)
+    explicit = NoiseSchedule.linear(T, 1e-4, 0.02).betas
+    assert float(explicit[0]) == 1e-4 and float(explicit[-1]) == pytest.approx(0.02, rel=1e-15)
+    if T == 1000:  # PatchDDM's schedule: the two agree
+        assert torch.equal(NoiseSchedule.from_name("linear").betas, NoiseSchedule.linear().betas)
+
+
+def test_a_recorded_linear_schedule_without_betas_is_the_named_one():
+    # to_dict records the betas' ends: taken as given; a record with only the step count is
+    # guided-diffusion's named schedule, scaled as from_name
+    assert torch.equal(NoiseSchedule.from_dict({"name": "linear", "num_timesteps": 50}).betas,
+                       NoiseSchedule.from_name("linear", 50).betas)
+    explicit = NoiseSchedule.linear(50)
+    assert torch.equal(NoiseSchedule.from_dict(explicit.to_dict()).betas, explicit.betas)
+    assert torch.equal(NoiseSchedule.from_dict({"name": "linear"}).betas, NoiseSchedule.linear().betas)
+    # a schedule recorded by its betas (e.g. a scheduler's, built as diffusers builds it)
+    built = DDPMScheduler(num_train_timesteps=50).schedule
+    assert torch.equal(NoiseSchedule.from_dict(built.to_dict()).betas, built.betas)
+
+
+def test_named_linear_refuses_betas_of_one_or_more():
+    with pytest.raises(ValueError, match=r"num_timesteps > 20"):
+        NoiseSchedule.from_name("linear", 20)
 
 
 @pytest.mark.parametrize("betas,match", [([], "non-empty"), ([0.1, 1.0], r"\(0, 1\)"), ([0.1, float("nan")], "NaN"),

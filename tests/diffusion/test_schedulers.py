@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from patchddm_fast.diffusion import DDIMScheduler, DDPMScheduler, NoiseSchedule, StepOutput, inference_timesteps
+from patchddm_fast.diffusion.schedulers import default_offset
 from patchddm_fast.ops import philox_normal, q_sample
 
 SCHEDULE = NoiseSchedule.linear()
@@ -28,8 +29,11 @@ def _ddim_closed_form(x, eps, ab_t, ab_prev, eta, clip, z):
 
 
 @pytest.mark.parametrize("steps", [1, 3, 20, 1000])
-def test_set_timesteps_linspace(steps):
-    s = DDIMScheduler().set_timesteps(steps)
+def test_set_timesteps_patchddm(steps):
+    # the PatchDDM form (a NoiseSchedule first) keeps the original spacing by default
+    s = DDIMScheduler(SCHEDULE).set_timesteps(steps)
+    assert s.timestep_spacing == "patchddm"
+    assert DDIMScheduler(timestep_spacing="patchddm").set_timesteps(steps).timesteps.tolist() == s.timesteps.tolist()
     # round(999 * (1 - k / (steps - 1))), ties to even (there are ties only for 3 steps: 499.5 -> 500)
     expected = [999] if steps == 1 else [round(999 * (1 - k / (steps - 1))) for k in range(steps)]
     assert s.timesteps.tolist() == expected
@@ -63,7 +67,7 @@ def test_set_timesteps_rejects_bad_counts():
 @pytest.mark.parametrize("set_alpha_to_one", [False, True])
 @pytest.mark.parametrize("clip", [False, True])
 def test_ddim_step_eta0_closed_form(clip, set_alpha_to_one):
-    s = DDIMScheduler(eta=0.0, clip_sample=clip, set_alpha_to_one=set_alpha_to_one).set_timesteps(4)
+    s = DDIMScheduler(SCHEDULE, eta=0.0, clip_sample=clip, set_alpha_to_one=set_alpha_to_one).set_timesteps(4)
     times = s.timesteps.tolist()
     assert times == [999, 666, 333, 0]
     for t, prev in zip(times, times[1:] + [None]):
@@ -79,7 +83,7 @@ def test_ddim_step_eta0_closed_form(clip, set_alpha_to_one):
 
 @pytest.mark.parametrize("eta", [0.5, 1.0])
 def test_ddim_step_eta_positive_closed_form(eta):
-    s = DDIMScheduler(eta=eta, clip_sample=True).set_timesteps(20)
+    s = DDIMScheduler(SCHEDULE, eta=eta, clip_sample=True).set_timesteps(20)
     t = int(s.timesteps[5])
     prev = int(s.timesteps[6])
     x, eps = _inputs()
@@ -94,13 +98,13 @@ def test_ddim_step_eta_positive_closed_form(eta):
     assert not torch.allclose(s.step(eps, t, x, seed=123, offset=78).prev_sample, out.prev_sample)
     # eta = 1 over one training step is the DDPM posterior with fixed_small variance
     if eta == 1.0:
-        ddpm = DDPMScheduler(clip_sample=True).set_timesteps(20)
+        ddpm = DDPMScheduler(SCHEDULE, clip_sample=True).set_timesteps(20)
         torch.testing.assert_close(ddpm.step(eps, t, x, seed=123, offset=77).prev_sample, out.prev_sample)
 
 
 @pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
 def test_ddpm_step_closed_form(variance):
-    s = DDPMScheduler(variance_type=variance, clip_sample=False)  # all 1000 steps by default
+    s = DDPMScheduler(SCHEDULE, variance_type=variance, clip_sample=False)  # all 1000 steps by default
     assert s.num_inference_steps == 1000
     for t in (999, 500, 1):
         x, eps = _inputs()
@@ -115,7 +119,7 @@ def test_ddpm_step_closed_form(variance):
         torch.testing.assert_close(out.pred_x0, x0, rtol=1e-6, atol=1e-6)
     # the last step returns the predicted x0 (clipped), without noise
     x, eps = _inputs(scale=3)
-    clipping = DDPMScheduler(clip_sample=True)
+    clipping = DDPMScheduler(SCHEDULE, clip_sample=True)
     out = clipping.step(eps, 0, x, seed=5)
     x0 = ((x - SCHEDULE.sqrt_one_minus_alphas_cumprod[0] * eps) / SCHEDULE.sqrt_alphas_cumprod[0]).clamp(-1, 1)
     # At t = 0, x0 = (x - 0.01 eps) / 0.99995: a few float32 ulps, then clipped.
@@ -123,14 +127,17 @@ def test_ddpm_step_closed_form(variance):
 
 
 def test_ddpm_respaced_step_uses_the_jump_beta():
-    s = DDPMScheduler(clip_sample=False).set_timesteps(3)  # 999 -> 500 -> 0
+    s = DDPMScheduler(SCHEDULE, clip_sample=False).set_timesteps(3)  # 999 -> 500 -> 0
     x, eps = _inputs()
     ab_t, ab_prev = float(AB[500]), float(AB[0])
     beta = 1 - ab_t / ab_prev
     x0 = (x - math.sqrt(1 - ab_t) * eps) / math.sqrt(ab_t)
     mean = beta * math.sqrt(ab_prev) / (1 - ab_t) * x0 + (1 - ab_prev) * math.sqrt(1 - beta) / (1 - ab_t) * x
     sigma = math.sqrt(beta * (1 - ab_prev) / (1 - ab_t))
-    expected = mean + sigma * philox_normal(SHAPE, 9, 0, dtype=torch.float64)
+    # no offset given: the default one of timestep 500 (block 501 of numel elements)
+    offset = default_offset(500, math.prod(SHAPE), 1000)
+    assert offset == 501 * math.prod(SHAPE)
+    expected = mean + sigma * philox_normal(SHAPE, 9, offset, dtype=torch.float64)
     # float32 kernel against float64 formula at t = 500 (1/sqrt(ab) = 3.6): a few float32 ulps.
     torch.testing.assert_close(s.step(eps, 500, x, seed=9).prev_sample, expected, rtol=1e-6, atol=1e-6)
 
@@ -160,7 +167,7 @@ def test_model_output_in_another_dtype_is_cast():
 
 
 def test_add_noise_matches_q_sample():
-    s = DDPMScheduler()
+    s = DDPMScheduler(SCHEDULE)
     x0 = torch.randn(3, 1, 4, 5, 6)
     t = torch.tensor([0, 321, 999])
     noise = philox_normal(x0.shape, 42, 0)
@@ -178,20 +185,27 @@ def test_add_noise_matches_q_sample():
 def test_bad_step_arguments():
     s = DDIMScheduler().set_timesteps(5)
     x = torch.randn(1, 1, 4, 4, 4)
-    with pytest.raises(ValueError, match="timestep 998 is not one of the 5 timesteps"):
-        s.step(x, 998, x)
+    for bad in (1000, -1):
+        with pytest.raises(ValueError, match=r"timestep must lie in \[0, 1000\)"):
+            s.step(x, bad, x)
+    with pytest.raises(ValueError, match="timestep must be one integer"):
+        s.step(x, torch.tensor([1, 2]), x)
     with pytest.raises(ValueError, match=r"model_output has shape \(1, 2, 4, 4, 4\)"):
         s.step(torch.randn(1, 2, 4, 4, 4), 999, x)
     with pytest.raises(ValueError, match="eta must be >= 0"):
         DDIMScheduler(eta=-0.1)
     with pytest.raises(ValueError, match="variance_type"):
         DDPMScheduler(variance_type="learned")
-    with pytest.raises(ValueError, match="noise has shape"):
-        s.add_noise(x, torch.randn(2, 1, 4, 4, 4), 3)
+    with pytest.raises(ValueError, match="do not broadcast"):
+        s.add_noise(x, torch.randn(2, 1, 4, 4, 5), 3)
 
 
 def test_cosine_schedule_drives_the_scheduler():
-    s = DDIMScheduler(beta_schedule="cosine").set_timesteps(3)
+    # diffusers' name of the cosine schedule, and ours; given by keyword, its betas are rounded
+    # to float32 as diffusers rounds them
+    for name in ("squaredcos_cap_v2", "cosine"):
+        assert torch.equal(DDIMScheduler(beta_schedule=name).betas, NoiseSchedule.cosine().betas.float().double())
+    s = DDIMScheduler(NoiseSchedule.cosine()).set_timesteps(3)
     x, eps = _inputs()
     cos = NoiseSchedule.cosine().alphas_cumprod
     expected, _ = _ddim_closed_form(x, eps, float(cos[500]), float(cos[0]), 0.0, True, 0.0)
