@@ -108,7 +108,7 @@ def sampling_step(variant: str = "ours", preset: str = "small", size=32, members
     run() returns x_t after the step; ours and baseline start from the same x_t.
     fused: the U-Net (default: fused for ours, plain for the baseline); ours with fused=False
     is our sampling loop (buffer, fused update) around the plain network."""
-    from patchddm_fast.diffusion import DDIMScheduler
+    from patchddm_fast.diffusion import DDIMScheduler, NoiseSchedule
     from patchddm_fast.diffusion.sampling import predict_noise
     from patchddm_fast.ops import assemble_input, coord_encoding
 
@@ -116,7 +116,7 @@ def sampling_step(variant: str = "ours", preset: str = "small", size=32, members
     model = make_model(preset, variant, device, fused=fused).eval()
     generator = torch.Generator().manual_seed(1)
     image = torch.randn((1, 4) + shape, generator=generator).to(device)
-    scheduler = DDIMScheduler().set_timesteps(STEPS)
+    scheduler = DDIMScheduler(NoiseSchedule.linear()).set_timesteps(STEPS)
     t = int(scheduler.timesteps[STEP_INDEX])
 
     if variant == "ours":
@@ -259,7 +259,7 @@ def full_volume_sampling(variant: str = "ours", preset: str = "small", size=32, 
     DDIM update, then torch.stack of the samples for mean and std. Both start each member from
     the same x_T (Philox noise of the member's seed), so their results must agree.
     """
-    from patchddm_fast.diffusion import DDIMScheduler, FullVolumeSampler, member_seeds
+    from patchddm_fast.diffusion import DDIMScheduler, FullVolumeSampler, NoiseSchedule, member_seeds
     from patchddm_fast.diffusion.sampling import predict_noise
     from patchddm_fast.ops import coord_encoding, philox_normal
 
@@ -269,7 +269,8 @@ def full_volume_sampling(variant: str = "ours", preset: str = "small", size=32, 
     volume = torch.randn((1, 4) + shape, generator=generator).to(device)
 
     if variant == "ours":
-        sampler = FullVolumeSampler(model, scheduler=DDIMScheduler().set_timesteps(steps), ensemble_size=members,
+        scheduler = DDIMScheduler(NoiseSchedule.linear()).set_timesteps(steps)
+        sampler = FullVolumeSampler(model, scheduler=scheduler, ensemble_size=members,
                                     precision=precision, progress=False)
         sampler.plan(volume)  # measures its memory per voxel once per sampler: setup, not sampling
 
@@ -280,7 +281,7 @@ def full_volume_sampling(variant: str = "ours", preset: str = "small", size=32, 
         run.held = [model, volume]
         return run
 
-    scheduler = DDIMScheduler().set_timesteps(steps)
+    scheduler = DDIMScheduler(NoiseSchedule.linear()).set_timesteps(steps)
     coords = coord_encoding(shape, (0, 0, 0), shape, device=device)[None]
     seeds = member_seeds(seed, members)
 

@@ -102,8 +102,9 @@ class _EnsembleStatistics:
 class FullVolumeSampler:
     """Samples segmentations of whole volumes with an ensemble, on the fused ops.
 
-    model: model(x, timesteps) -> predicted noise, x = [image (C), coordinates (3), x_t (1)].
-    scheduler: a DDIMScheduler / DDPMScheduler with its timesteps set (default: PatchDDM's
+    model: model(x, timesteps) -> its prediction (noise, x0 or v, as the scheduler's
+        prediction_type says), x = [image (C), coordinates (3), x_t (1)].
+    scheduler: a DDIMScheduler, DDPMScheduler or DPMSolverMultistepScheduler with its timesteps set (default: PatchDDM's
         DDIM, 20 steps, eta = 0: the original sampler).
     ensemble_size: samples per volume (the paper: 1 to 15); mean, mask, std come from them.
     precision: 'float32' (default), 'bfloat16' or 'float16' (any name patchddm_fast.precision

@@ -108,7 +108,7 @@ def original_ddim_sample(model, condition: torch.Tensor, noise: torch.Tensor, st
     noise: (B, 1, D, H, W) x_T. Returns the sample (B, 1, D, H, W); tumour where > 0.5.
     """
     scheduler = DDIMScheduler(NoiseSchedule.linear(), eta=0.0, clip_sample=True, set_alpha_to_one=False,
-                              timestep_spacing="linspace").set_timesteps(steps)
+                              timestep_spacing="patchddm").set_timesteps(steps)
     return sample_loop(model, scheduler, condition, noise)
 
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import warnings
 from collections.abc import Mapping
 
 import numpy as np
@@ -248,13 +247,6 @@ class _Scheduler:
             if config.pop(name, allowed) != allowed:
                 raise ValueError(f"{type(self).__name__}: {name}={not allowed} is not supported")
         if patchddm_form:
-            if settings.get("timestep_spacing") == "linspace" and "patchddm" in self._spacings \
-                    and self._patchddm_defaults.get("timestep_spacing") == "patchddm":
-                warnings.warn("timestep_spacing='linspace' with a NoiseSchedule as first argument is read as the "
-                              "original PatchDDM spacing, now named 'patchddm'; pass timestep_spacing='patchddm' "
-                              "(diffusers' 'linspace' is another list, taken when the schedule is given by keyword)",
-                              DeprecationWarning, stacklevel=3)
-                config["timestep_spacing"] = "patchddm"
             both = [k for k in _SCHEDULE_SETTINGS if settings.get(k) is not None]
             if both:
                 raise ValueError(f"{type(self).__name__}: give either a NoiseSchedule or {', '.join(both)}, not both")

@@ -28,7 +28,8 @@ def update_run_log(output_dir: Path, settings: SamplingSettings, checkpoint: Pat
     log["cases"][outcome.case_id] = {
         "status": outcome.status, "message": outcome.message, "seconds": round(outcome.seconds, 2),
         "checkpoint": str(checkpoint), "steps": settings.steps, "ensemble": settings.ensemble,
-        "run_seed": settings.seed, "case_seed": seed, "precision": settings.precision, "tiled": settings.tiled,
+        "run_seed": settings.seed, "case_seed": seed, "precision": settings.precision,
+        "scheduler": settings.scheduler, "eta": settings.eta, "tiled": settings.tiled,
         "outputs": {k: Path(p).name for k, p in outcome.outputs.items()}, "warnings": outcome.warnings}
     partial = path.with_name(f".{path.name}.partial")
     partial.write_text(json.dumps(log, indent=1, sort_keys=True))

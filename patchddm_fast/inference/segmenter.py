@@ -10,7 +10,8 @@ import numpy as np
 
 from ..data import PAPER_VOLUME, CaseError, CaseFiles, DataError, PreparedCase, load_case, prepare_raw
 from ..data.preprocess import as_shape
-from ..diffusion import DDIMScheduler, FullVolumeSampler, PlanOptions, SegmentationResult
+from ..diffusion import FullVolumeSampler, PlanOptions, SegmentationResult
+from ..diffusion.scheduler_names import SCHEDULER_NAMES, make_scheduler
 from ..precision import precision_name
 from .model import IMAGE_CHANNELS, LoadedModel
 
@@ -29,6 +30,7 @@ class SamplingSettings:
     seed: int = 0
     precision: str = "float32"
     eta: float = 0.0
+    scheduler: str = "ddim"  # ddim, ddpm or dpmsolver++ (patchddm_fast.diffusion.SCHEDULER_NAMES)
     tiled: bool = False
     tile_shape: tuple | None = None  # default: the training patch, else 128^3
     volume_shape: tuple | None = None  # default: the training volume, else 256^3
@@ -38,6 +40,12 @@ class SamplingSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise DataError(f"{name} must be a positive integer, got {value!r}")
+        if self.scheduler not in SCHEDULER_NAMES:
+            raise DataError(f"scheduler must be one of {SCHEDULER_NAMES}, got {self.scheduler!r}")
+        if self.scheduler != "ddim" and self.eta != 0:
+            raise DataError(f"eta applies to the ddim scheduler only, got eta={self.eta} with {self.scheduler}")
+        if not self.eta >= 0:
+            raise DataError(f"eta must be >= 0 (0: deterministic DDIM), got {self.eta}")
         try:
             self.precision = precision_name(self.precision)
         except ValueError as error:
@@ -60,8 +68,8 @@ class Segmenter:
                             f"diffusion steps), got {steps}")
         key = (steps, ensemble)
         if key not in self._samplers:
-            scheduler = DDIMScheduler(self.loaded.schedule, eta=self.settings.eta,
-                                      prediction_type=self.loaded.info.prediction_type).set_timesteps(steps)
+            scheduler = make_scheduler(self.settings.scheduler, self.loaded.schedule, steps, eta=self.settings.eta,
+                                       prediction_type=self.loaded.info.prediction_type)
             tile = self.settings.tile_shape or self.loaded.patch_shape or (128, 128, 128)
             options = PlanOptions(image_channels=IMAGE_CHANNELS, tiled=self.settings.tiled,
                                   tile_shape=as_shape(tile, "tile_shape"))

@@ -61,9 +61,8 @@ def test_patchddm_form_keeps_the_original_sampler_settings():
         warnings.simplefilter("error")  # diffusers' linspace, DPM-Solver's default: no warning
         assert DPMSolverMultistepScheduler(SCHEDULE).timestep_spacing == "linspace"
     # the original-exact sampler's call (sampling.original_ddim_sample) gives the original list
-    with pytest.warns(DeprecationWarning, match="now named 'patchddm'"):
-        original = DDIMScheduler(NoiseSchedule.linear(), eta=0.0, clip_sample=True, set_alpha_to_one=False,
-                                 timestep_spacing="linspace").set_timesteps(5)
+    original = DDIMScheduler(NoiseSchedule.linear(), eta=0.0, clip_sample=True, set_alpha_to_one=False,
+                             timestep_spacing="patchddm").set_timesteps(5)
     assert original.timesteps.tolist() == [999, 749, 500, 250, 0]  # round(linspace(999, 0, 5)), 499.5 -> 500
     assert [original.previous_timestep(t) for t in original.timesteps] == [749, 500, 250, 0, -1]
 
