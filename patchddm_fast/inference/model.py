@@ -11,6 +11,7 @@ import torch
 
 from ..checkpoint_info import CheckpointInfo
 from ..data import DataError
+from ..fast_settings import fast_settings
 from ..diffusion import NoiseSchedule
 from ..nn import CheckpointMismatchError, read_state_dict
 
@@ -55,9 +56,12 @@ def _is_plain_state_dict(path: Path) -> bool:
     return True
 
 
-def load_model(path: str | os.PathLike, *, device: torch.device | str = "cpu", ema: bool = True) -> LoadedModel:
+def load_model(path: str | os.PathLike, *, device: torch.device | str = "cpu", ema: bool = True,
+               channels_last: bool | None = None) -> LoadedModel:
     """Loads a checkpoint written by `patchddm train` (or by patchddm_fast.nn.save_checkpoint,
     or converted by `patchddm import-checkpoint`) for sampling, in eval mode on `device`.
+    channels_last: run the convolutions in channels_last_3d (the same values to float32
+    rounding); None: where it is faster on this device (patchddm_fast.fast_settings).
 
     Raises DataError when the file is missing, CheckpointMismatchError when it is not a
     checkpoint of a PatchDDM segmentation network (naming what does not fit)."""
@@ -69,8 +73,10 @@ def load_model(path: str | os.PathLike, *, device: torch.device | str = "cpu", e
     from ..train import load_trained_model
 
     device = torch.device(device)
+    if channels_last is None:
+        channels_last = fast_settings(device).channels_last
     try:
-        model, info = load_trained_model(path, ema=ema, map_location="cpu")
+        model, info = load_trained_model(path, ema=ema, map_location="cpu", channels_last=channels_last)
     except CheckpointMismatchError as error:
         if _is_plain_state_dict(path):
             raise CheckpointMismatchError(
