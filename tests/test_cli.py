@@ -377,3 +377,55 @@ def test_demo_command(tmp_path, capsys, monkeypatch):
     for case in held_out:
         assert nib.load(output_path(out / "predictions", case, "mask")).shape == (16, 16, 16)
         assert matplotlib.image.imread(output_path(out / "predictions", case, "montage")).ndim == 3
+
+
+def test_demo_on_a_data_folder_reports_the_baseline(tmp_path, capsys, monkeypatch):
+    """`patchddm demo --data DIR` trains on DIR's training part, scores its held-out part and
+    prints the FLAIR baseline on the same cases before the mean Dice."""
+    import patchddm_fast.demo as demo
+
+    monkeypatch.setattr(demo, "quick_recipe", lambda recipe: recipe.replace(
+        patch=16, width=4, steps=2, batch_size=1, warmup_steps=0, sample_steps=1, ensemble=1))
+    data = tmp_path / "mine"
+    write_phantoms(data, n=10, shape=(16, 16, 16), seed=5)
+    out = tmp_path / "demo"
+    status, stdout, _ = _run(capsys, "demo", "--quick", "--data", data, "--out", out, "--device", "cpu", "-q")
+    assert status == 0, stdout
+    assert not (out / "data").exists()  # no phantoms written: the user's folder is used
+    split = json.loads((out / "train" / "split.json").read_text())
+    scored = {r["case"] for r in csv.DictReader(open(out / "evaluation.csv"))} - {"mean", "std", "median"}
+    assert scored == set(split["validation"] + split["test"]) and not scored & set(split["train"])
+    baseline, last = stdout.strip().splitlines()[-2:]
+    assert baseline.startswith("FLAIR threshold baseline on the same cases: mean Dice ")
+    assert last.startswith("mean Dice ")
+    status, _, err = _run(capsys, "demo", "--quick", "--data", tmp_path / "none", "--out", tmp_path / "d2")
+    assert status == 2
+    _assert_clean_error(err, "no such folder")
+
+
+def test_sample_held_out_subset_and_evaluate_baseline(tmp_path, capsys):
+    data = tmp_path / "data"
+    write_phantoms(data, n=10, shape=(16, 16, 16), seed=6)
+    checkpoint = tmp_path / "tiny.pt"
+    _tiny_checkpoint(checkpoint, volume_shape=[16, 16, 16])
+    out = tmp_path / "pred"
+    status, stdout, _ = _run(capsys, "sample", checkpoint, data, out, *SAMPLE_ARGS, "--subset", "held-out",
+                             "--no-montage")
+    assert status == 0, stdout
+    cases, _ = find_cases(data)
+    from patchddm_fast.data import subset_cases
+    held_out = {c.case_id for c in subset_cases(cases, "held-out")}
+    written = {p.name.removesuffix("_mask.nii.gz") for p in out.glob("*_mask.nii.gz")}
+    assert written == held_out and len(written) == 2
+    status, stdout, _ = _run(capsys, "evaluate", out, data, "-q", "--baseline")
+    assert status == 0, stdout
+    table = stdout[stdout.index("FLAIR baseline"):].splitlines()
+    assert {line.split()[0] for line in table[3:5]} == held_out and table[-1].startswith("mean")
+    # Ground truth as flat <case>_seg.nii.gz files: scores work, but there is no FLAIR to fit on.
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for seg in data.glob("*/*_seg.nii.gz"):
+        shutil.copy(seg, flat / seg.name)
+    status, _, err = _run(capsys, "evaluate", out, flat, "--baseline", "-q")
+    assert status == 2
+    _assert_clean_error(err, "--baseline", "no training case")
