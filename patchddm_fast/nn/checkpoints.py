@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import zipfile
 from collections.abc import Mapping
 
 import numpy as np
@@ -71,11 +72,20 @@ def read_state_dict(source) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if path.endswith(".npz"):
-        with np.load(path) as data:
-            names = [k for k in data.files if k.startswith("state_dict/")]
-            if names:
-                return _unwrap({k[len("state_dict/"):]: data[k] for k in names}, path)
-            return _unwrap({k: data[k] for k in data.files}, path)
+        if not zipfile.is_zipfile(path):
+            raise CheckpointMismatchError(f"{path}: is not a .npz file (not a zip archive of arrays)")
+        try:  # arrays only (allow_pickle=False): a .npz of objects is refused, never unpickled
+            with np.load(path, allow_pickle=False) as data:
+                if not hasattr(data, "files"):
+                    raise ValueError("it holds a single array, not named arrays")
+                names = [k for k in data.files if k.startswith("state_dict/")]
+                if names:
+                    arrays = {k[len("state_dict/"):]: data[k] for k in names}
+                else:
+                    arrays = {k: data[k] for k in data.files}
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+            raise CheckpointMismatchError(f"{path}: cannot be read as a .npz of arrays ({exc})") from exc
+        return _unwrap(arrays, path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:

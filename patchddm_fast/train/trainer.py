@@ -25,7 +25,7 @@ from ..checkpoint_info import CheckpointInfo
 from ..data import DataError, PatchDataset, find_cases, make_patch_loader, split_cases
 from ..data.nifti import read_header
 from ..diffusion import NoiseSchedule, diffusion_loss
-from ..nn import UNet3D
+from ..nn import CheckpointMismatchError, UNet3D
 from .checkpoints import (LAST, checkpoint_exists, read_training_checkpoint, remove_stale_temporaries,
                           restore_rng_states, rng_states, save_training_checkpoint, step_path)
 from ..precision import parse_precision
@@ -183,14 +183,16 @@ class _Run:
         model, extra = resumed
         c = self.config
         if model.config != c.network:
-            raise ValueError(f"{self.out_dir / LAST}: its network {model.config} differs from the one asked for "
+            raise CheckpointMismatchError(f"{self.out_dir / LAST}: its network {model.config} differs from the one asked for "
                              f"({c.network}; preset {c.preset!r}, width {c.width}); resume with the same settings")
         info = CheckpointInfo.from_dict(extra)
         patch, volume = info.patch_shape[0], info.volume_shape[0]
         if patch != c.patch_edge:
-            raise ValueError(f"{self.out_dir / LAST}: trained on {patch}^3 patches, but patch={c.patch_edge}")
+            raise CheckpointMismatchError(f"{self.out_dir / LAST}: trained on {patch}^3 patches, but --patch "
+                                          f"{c.patch_edge}; resume with the same settings")
         if c.volume is not None and volume != c.volume:
-            raise ValueError(f"{self.out_dir / LAST}: trained on a {volume}^3 volume, but volume={c.volume}")
+            raise CheckpointMismatchError(f"{self.out_dir / LAST}: trained on a {volume}^3 volume, but --volume "
+                                          f"{c.volume}; resume with the same settings")
         before = extra["train_config"]
         if before.get("seed") != c.seed:
             logger.warning("patchddm_fast: resuming with seed %s instead of %s: later draws differ from an "
