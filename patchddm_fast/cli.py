@@ -122,8 +122,7 @@ def _environment_message(error: OSError) -> str:
     return f"{reason} ({_one_line(error)})"
 
 
-DIVERGED_ADVICE = ("the run diverged: lower --lr, keep --grad-clip on, or train in fp32; the last good checkpoint "
-                   "is kept")
+DIVERGED_ADVICE = "the run diverged: lower --lr, keep --grad-clip on, or train in fp32"
 
 
 def _one_line(error: BaseException) -> str:
@@ -173,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         return _input_error(name, args, _one_line(error))
     except FloatingPointError as error:  # non-finite losses or gradients: the settings, not a bug
         message = _one_line(error)
-        return _input_error(name, args, f"{message}; {DIVERGED_ADVICE}")
+        advice = "keep --grad-clip on" if "lr" in message else DIVERGED_ADVICE  # the trainer advises on lr itself
+        return _input_error(name, args, f"{message}; {advice}")
     except Exception as error:
         return _internal_error(name, args, error)
 

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from .._files import umask_mode
 from .config import UNetConfig
 from .unet import UNet3D
 
@@ -189,6 +190,7 @@ def save_checkpoint(model: UNet3D, path, **extra) -> None:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, umask_mode())  # mkstemp makes 0600; the user's umask decides, as for any file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
