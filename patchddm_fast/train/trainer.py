@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import math
 import time
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .._files import atomic_write_text
 from ..checkpoint_info import CheckpointInfo
 from ..data import DataError, PatchDataset, find_cases, make_patch_loader, split_cases
 from ..data.nifti import read_header
@@ -168,9 +168,7 @@ class _Run:
         if not self.dist.is_main:
             return
         path = self.out_dir / SPLIT
-        partial = path.with_name(f".{SPLIT}.partial")
-        partial.write_text(json.dumps({"data_dir": str(self.config.data_dir), **self.split}, indent=1))
-        os.replace(partial, path)
+        atomic_write_text(path, json.dumps({"data_dir": str(self.config.data_dir), **self.split}, indent=1))
         held = ", ".join(f"{name} {len(self.split[name])} ({' '.join(self.split[name]) or '-'})"
                          for name in ("validation", "test"))
         self.log.message(f"split of {self.config.data_dir}: train {len(self.split['train'])}, {held}; "
