@@ -238,9 +238,12 @@ def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: float | torch.T
     """
     name = "ddim_step"
     check_step_arguments(name, x_t, eps)
-    if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not (eta >= 0 and math.isfinite(eta)):
-        # eta = inf makes sigma infinite and the step NaN
-        raise ValueError(f"{name}: eta must be a finite number >= 0 (0: deterministic DDIM), got {eta!r}")
+    if isinstance(eta, bool) or not isinstance(eta, numbers.Real):
+        raise TypeError(f"{name}: eta must be a number, got {type(eta).__name__} {eta!r}")
+    if not eta >= 0:
+        raise ValueError(f"{name}: eta must be >= 0, got {eta} (0: deterministic DDIM)")
+    if not math.isfinite(eta):  # sigma would be infinite and the step NaN
+        raise ValueError(f"{name}: eta must be finite, got {eta}")
     ab_t, ab_prev = _step_alpha_bars(name, x_t, alpha_bar_t, alpha_bar_prev)
 
     def row(ab_t, ab_prev):

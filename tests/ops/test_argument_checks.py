@@ -25,7 +25,7 @@ def test_sampling_steps_need_the_noise_prediction(device, backend):
 @pytest.mark.parametrize("eta", [float("inf"), float("nan"), -1.0])
 def test_ddim_eta_must_be_finite_and_non_negative(device, backend, eta):
     x = torch.randn(2, 3, 4, device=device)
-    with pytest.raises(ValueError, match="ddim_step: eta must be a finite number >= 0"):
+    with pytest.raises(ValueError, match="ddim_step: eta must be (>= 0|finite), got"):
         ddim_step(x, torch.randn_like(x), 0.5, 0.9, eta=eta, seed=1, backend=backend)
 
 
