@@ -119,7 +119,7 @@ def _environment_message(error: OSError) -> str:
         return f"{'cannot write ' if writing else ''}{error.filename}: {reason}"
     if text and text.lower() != reason and not text.startswith(("No space", "Read-only", "Permission")):
         return text.splitlines()[0]  # our own messages: "cannot write PATH: no space left on the device"
-    return f"{reason} ({_one_line(error)})"
+    return reason  # no file named: the reason alone
 
 
 DIVERGED_ADVICE = "the run diverged: lower --lr, keep --grad-clip on, or train in fp32"

@@ -9,6 +9,7 @@ Tiny data: 16^3 phantoms, a network of width 4, 2 sampling steps, 1 ensemble mem
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,6 +71,14 @@ def trained(ws):
     return out
 
 
+@pytest.fixture(scope="module")
+def predicted(ws):
+    """Both phantoms sampled by checkpoint A (what evaluate scores)."""
+    out = ws["root"] / "pred"
+    assert main(["sample", str(ws["a"]), str(ws["data"]), str(out), *SAMPLE, "--no-montage"]) == 0
+    return out
+
+
 def _run(capsys, *argv):
     capsys.readouterr()
     status = main([str(a) for a in argv])
@@ -125,9 +134,12 @@ def test_full_disk_while_writing_sampling_json_leaves_no_partial(ws, tmp_path, c
 
 
 @pytest.mark.parametrize("code", [errno.EROFS, errno.ENOSPC])
-def test_phantoms_train_and_evaluate_on_a_read_only_or_full_disk_are_exit_2(ws, tmp_path, capsys, monkeypatch,
-                                                                           code):
+def test_phantoms_train_and_evaluate_on_a_read_only_or_full_disk_are_exit_2(ws, predicted, tmp_path, capsys,
+                                                                           monkeypatch, code):
     monkeypatch.setattr(os, "replace", _failing_replace(code))
+    status, _, err = _run(capsys, "evaluate", predicted, ws["data"], "--csv", tmp_path / "scores.csv", "-q")
+    assert status == 2, err
+    _one_line_error(err, "cannot write", "scores.csv", os.strerror(code))
     status, _, err = _run(capsys, "phantoms", tmp_path / "ph", "--n", "1", "--size", "16", "-q")
     assert status == 2, err
     _one_line_error(err)
@@ -135,6 +147,21 @@ def test_phantoms_train_and_evaluate_on_a_read_only_or_full_disk_are_exit_2(ws, 
     assert status == 2, err
     _one_line_error(err)
     assert _leftovers(tmp_path) == []
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_exit_2_naming_it(ws, tmp_path, capsys, monkeypatch):
+    real_save = torch.save
+
+    def save_then_fill_the_disk(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 the first bytes")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", save_then_fill_the_disk)
+    status, _, err = _run(capsys, "train", ws["data"], tmp_path / "run", *TRAIN)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert status == 2, err
+    _one_line_error(err, "cannot write", "last.pt", os.strerror(errno.ENOSPC))
+    assert _leftovers(tmp_path) == [] and not (tmp_path / "run" / "last.pt").exists()
 
 
 def test_resume_with_other_settings_is_exit_2(ws, trained, capsys):
@@ -198,9 +225,8 @@ def test_a_diverging_run_is_exit_2_with_advice(ws, tmp_path, capsys):
 
 # -- 8. partial files -----------------------------------------------------------------------------
 
-def test_evaluate_refuses_a_folder_as_csv_before_writing_anything(ws, tmp_path, capsys, monkeypatch):
-    pred = tmp_path / "pred"
-    assert main(["sample", str(ws["a"]), str(ws["data"]), str(pred), *SAMPLE, "--no-montage"]) == 0
+def test_evaluate_refuses_a_folder_as_csv_before_writing_anything(ws, predicted, tmp_path, capsys, monkeypatch):
+    pred = predicted
     work = tmp_path / "work"
     (work / "data").mkdir(parents=True)
     monkeypatch.chdir(work)
@@ -364,9 +390,9 @@ def test_checkpoints_follow_the_umask(tmp_path, umask):
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
-def test_evaluate_warns_when_predictions_are_their_ground_truth(ws, tmp_path, capsys):
+def test_evaluate_warns_when_predictions_are_their_ground_truth(ws, predicted, tmp_path, capsys):
     pred = tmp_path / "pred"
-    assert main(["sample", str(ws["a"]), str(ws["data"]), str(pred), *SAMPLE, "--no-montage"]) == 0
+    shutil.copytree(predicted, pred)
     status, stdout, err = _run(capsys, "evaluate", pred, pred)
     assert status == 0 and "PRED_DIR and GT_DIR are the same folder" in err and "WARNING" in stdout
     # a prediction that is the ground-truth file itself (a link), in another folder

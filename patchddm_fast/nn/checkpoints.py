@@ -192,9 +192,11 @@ def save_checkpoint(model: UNet3D, path, **extra) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, umask_mode())  # mkstemp makes 0600; the user's umask decides, as for any file
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(error, OSError) and error.errno is not None:  # a full disk, a read-only folder
+            raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}") from error
         raise
 
 
