@@ -124,6 +124,16 @@ def test_sample_into_a_read_only_or_full_folder_is_exit_2(ws, tmp_path, capsys, 
     assert not any(output_path(out, ws["case"], kind).exists() for kind in NIFTI)
 
 
+def test_full_disk_while_drawing_a_montage_stops_the_run_and_leaves_no_partial(ws, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    monkeypatch.setattr(os, "replace", _failing_replace(errno.ENOSPC, only="montage"))
+    status, _, err = _run(capsys, "sample", ws["a"], ws["data"], out, *SAMPLE)
+    assert status == 2, err
+    _one_line_error(err, "montage.png", os.strerror(errno.ENOSPC))
+    assert _leftovers(out) == []
+    assert all(entry["status"] != "ok" for entry in json.loads((out / "sampling.json").read_text())["cases"].values())
+
+
 def test_full_disk_while_writing_sampling_json_leaves_no_partial(ws, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     monkeypatch.setattr(os, "replace", _failing_replace(errno.ENOSPC, only="sampling.json"))
