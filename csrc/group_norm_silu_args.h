@@ -83,7 +83,7 @@ inline GroupNormDims check_group_norm_silu_forward(const char* op, const at::Ten
                                                    const std::optional<at::Tensor>& bias, int64_t groups,
                                                    double eps) {
   const GroupNormDims d = check_group_norm_input(op, "x", x, groups);
-  TORCH_CHECK(eps > 0, op, ": eps must be positive, got ", eps);
+  TORCH_CHECK(eps > 0 && std::isfinite(eps), op, ": eps must be positive and finite, got ", eps);
   if (skip.has_value()) check_group_norm_like(op, "skip", *skip, x);
   check_group_norm_params(op, d, x, add, weight, bias);
   return d;

@@ -11,8 +11,11 @@ import importlib
 
 __version__ = "0.1.0"
 
-from . import ops  # noqa: E402  (loads the compiled extension, or warns how to build it)
-from ._info import info  # noqa: E402
+from ._interrupt import interrupt_exits_quietly  # noqa: E402
+
+with interrupt_exits_quietly():  # Ctrl-C while `patchddm` imports torch: one line, exit 130
+    from . import ops  # noqa: E402  (loads the compiled extension, or warns how to build it)
+    from ._info import info  # noqa: E402
 
 _SUBPACKAGES = ("checkpoint_info", "data", "diffusion", "evaluation", "inference", "nn", "precision", "train")
 

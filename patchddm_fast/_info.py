@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import platform
 
 import torch
 
 from ._extension import EXTENSION
-from .ops._backends import TRITON_INTERPRET, TRITON_REASON, FastOp, get_backend_override
+from .ops._backends import BACKENDS, TRITON_INTERPRET, TRITON_REASON, FastOp, get_backend_override
 
 
 def _devices() -> list[str]:
@@ -24,6 +25,20 @@ def _devices() -> list[str]:
     return lines
 
 
+def _override() -> str:
+    """The backend override, and where it comes from; an invalid PATCHDDM_BACKEND is named as such."""
+    override = get_backend_override()
+    raw = os.environ.get("PATCHDDM_BACKEND")
+    from_env = raw is not None and raw.strip().lower() == override
+    if override is not None:
+        return f"{override} ({'PATCHDDM_BACKEND' if from_env else 'set_backend'})"
+    if raw is None or not raw.strip():
+        return "none (PATCHDDM_BACKEND unset)"
+    if raw.strip().lower() in BACKENDS:
+        return f"none (PATCHDDM_BACKEND={raw!r} cleared by set_backend(None))"
+    return f"none: PATCHDDM_BACKEND={raw!r} is invalid and ignored (valid values: {', '.join(BACKENDS)})"
+
+
 def info() -> str:
     """A report of versions, devices, and which backend runs each op on each device."""
     from . import __version__
@@ -34,7 +49,7 @@ def info() -> str:
         f"torch CUDA {torch.version.cuda or 'none (CPU build)'}",
         f"compiled extension: {'loaded from ' + str(EXTENSION.path) if EXTENSION.loaded else EXTENSION.error}",
         f"triton: {TRITON_REASON}{' (TRITON_INTERPRET=1: runs on CPU tensors)' if TRITON_INTERPRET else ''}",
-        f"backend override: {get_backend_override() or 'none (PATCHDDM_BACKEND unset)'}",
+        f"backend override: {_override()}",
         "devices:",
         *("  " + d for d in _devices()),
         "ops (backend: status):",

@@ -28,6 +28,7 @@ import numpy as np
 from .data import CaseError, DataError
 from .data.layout import nifti_stem, sequence_of
 from .data.nifti import _data, _open
+from ._files import atomic_write
 from .metrics import dice, hd95
 
 METRICS = ("dice", "hd95")
@@ -58,6 +59,7 @@ class FolderScores:
     scores: list[CaseScore]
     predictions_without_truth: list[str] = field(default_factory=list)
     truths_without_prediction: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # about the whole evaluation (e.g. PRED_DIR is GT_DIR)
 
     @property
     def scored(self) -> list[CaseScore]:
@@ -200,12 +202,38 @@ def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, *,
         from tqdm import tqdm
         cases = tqdm(common, desc="evaluating", unit="case")
     scores = [score_case(c, predictions[c], truths[c]) for c in cases]
+    warnings = _self_scoring_warnings(pred_dir, gt_dir, predictions, truths, scores)
     for note in notes + truth_notes:
         case_id = note.split(":", 1)[0]
         for s in scores:
             if s.case_id == case_id:
                 s.warnings.append(note.split(": ", 1)[1])
-    return FolderScores(scores, sorted(set(predictions) - set(truths)), sorted(set(truths) - set(predictions)))
+    return FolderScores(scores, sorted(set(predictions) - set(truths)), sorted(set(truths) - set(predictions)),
+                        warnings)
+
+
+def _same_file(a, b) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _self_scoring_warnings(pred_dir, gt_dir, predictions: dict, truths: dict, scores: list) -> list[str]:
+    """Warnings when predictions are scored against themselves: PRED_DIR is GT_DIR, or a case's
+    prediction is the very file of its ground truth (a Dice of 1 that means nothing)."""
+    warnings = []
+    if _same_file(pred_dir, gt_dir):
+        warnings.append(f"PRED_DIR and GT_DIR are the same folder ({pred_dir}): the ground truth is scored against "
+                        "itself, so Dice 1.0 means nothing")
+    same = [s.case_id for s in scores if _same_file(predictions[s.case_id], truths[s.case_id])]
+    for s in scores:
+        if s.case_id in same:
+            s.warnings.append("the prediction is the ground-truth file itself")
+    if same and not warnings:
+        warnings.append(f"{len(same)} prediction(s) are the very file of their ground truth "
+                        f"({', '.join(same[:5])}{' ...' if len(same) > 5 else ''}): their Dice 1.0 means nothing")
+    return warnings
 
 
 # -- output -----------------------------------------------------------------------------------
@@ -234,10 +262,12 @@ def write_csv(evaluation: FolderScores, path: str | os.PathLike) -> Path:
     """One row per case (case, dice, hd95_mm, error), then rows mean, std and median (as BraTS's
     evaluation CSVs end). Written atomically."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a folder; give the name of the CSV file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
     summary = evaluation.summary()
-    with open(partial, "w", newline="") as f:
+
+    def write(f):
         writer = csv.writer(f)
         writer.writerow(["case", "dice", "hd95_mm", "error"])
         for s in evaluation.scores:
@@ -245,8 +275,8 @@ def write_csv(evaluation: FolderScores, path: str | os.PathLike) -> Path:
         for statistic in STATISTICS:
             writer.writerow([statistic, _number(summary["dice"][statistic], 6),
                              _number(summary["hd95"][statistic], 4), ""])
-    os.replace(partial, path)
-    return path
+
+    return atomic_write(path, write, newline="")
 
 
 __all__ = ["CaseScore", "FolderScores", "evaluate_folders", "find_predictions", "find_truths", "format_table",

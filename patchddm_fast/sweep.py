@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ._files import atomic_write
 from .data import CaseError, CaseFiles, DataError
 from .evaluation import summarise
 from .inference import Segmenter, case_seed, truth_mask
@@ -104,13 +105,13 @@ def summarise_sweep(scores: Sequence[SweepScore]) -> list[dict]:
 
 def _write_rows(path: Path, fields: Sequence[str], rows: Sequence[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    with open(partial, "w", newline="") as f:
+
+    def write(f):
         writer = csv.DictWriter(f, fieldnames=list(fields))
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(partial, path)
-    return path
+
+    return atomic_write(path, write, newline="")
 
 
 def write_sweep(out_dir: str | os.PathLike, scores: Sequence[SweepScore], *, title: str = "") -> dict[str, Path]:

@@ -25,6 +25,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
+from ._files import atomic_write
+
 PRED_COLOUR = "#e8432e"
 TRUTH_COLOUR = "#2ecc40"
 _PRED_FILL = ListedColormap([PRED_COLOUR])
@@ -36,11 +38,9 @@ _FIXED_AXIS = {"axial": 2, "coronal": 1, "sagittal": 0}  # in RAS voxel order
 def _save(figure: Figure, path: str | os.PathLike, dpi: int) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial.png")
     FigureCanvasAgg(figure)
-    figure.savefig(partial, dpi=dpi, format="png")
-    os.replace(partial, path)
-    return path
+    # through a hidden temporary file, removed if writing fails (a full disk, a read-only folder)
+    return atomic_write(path, lambda f: figure.savefig(f, dpi=dpi, format="png"), mode="wb")
 
 
 def to_ras(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:

@@ -38,6 +38,20 @@ def positive_int(text: str) -> int:
     return value
 
 
+MAX_SEED = 2**63 - 1  # seeds go through numpy's and torch's 64-bit generators
+
+
+def seed_arg(text: str) -> int:
+    """A seed: an integer in [0, 2^63 - 1]."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{text} is not a seed: seeds are integers from 0 to 2^63 - 1")
+    return value
+
+
 def add_sampling_options(parser: argparse.ArgumentParser, *, steps_help: str, ensemble_help: str,
                          many: bool = False) -> None:
     """The options of `patchddm sample` and `patchddm sweep` (many: lists of steps and sizes)."""
@@ -48,7 +62,7 @@ def add_sampling_options(parser: argparse.ArgumentParser, *, steps_help: str, en
     else:
         group.add_argument("--steps", type=positive_int, default=20, help=steps_help)
         group.add_argument("--ensemble", type=positive_int, default=5, help=ensemble_help)
-    group.add_argument("--seed", type=int, default=0,
+    group.add_argument("--seed", type=seed_arg, default=0,
                        help="seed of the run; each case's seed is derived from it and the case id")
     group.add_argument("--precision", default="fp32", type=precision_argument,
                        metavar="{" + ",".join(SHORT_NAMES) + "}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from ._common import EXIT_CASES_FAILED, EXIT_OK, InputError
@@ -29,8 +30,14 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from ..evaluation import evaluate_folders, format_table, write_csv
 
+    csv_path = Path(args.csv).expanduser() if args.csv else Path(args.pred_dir) / "evaluation.csv"
+    if csv_path.is_dir():  # refused before any work, and before anything is written
+        raise InputError(f"--csv {args.csv}: is a folder; give the name of the CSV file to write")
     evaluation = evaluate_folders(args.pred_dir, args.gt_dir, progress=not args.quiet)
     print(format_table(evaluation))
+    for warning in evaluation.warnings:
+        print(f"WARNING: {warning}")
+        print(f"patchddm evaluate: warning: {warning}", file=sys.stderr)
     if evaluation.truths_without_prediction:
         print(f"note: {len(evaluation.truths_without_prediction)} ground-truth case(s) have no prediction "
               f"(not scored): {', '.join(evaluation.truths_without_prediction[:10])}"
@@ -38,7 +45,7 @@ def run(args) -> int:
     if evaluation.predictions_without_truth:
         print(f"note: {len(evaluation.predictions_without_truth)} prediction(s) have no ground truth (not scored): "
               f"{', '.join(evaluation.predictions_without_truth[:10])}")
-    path = write_csv(evaluation, args.csv or Path(args.pred_dir) / "evaluation.csv")
+    path = write_csv(evaluation, csv_path)
     print(f"CSV: {path}")
     if args.baseline:
         from ..baseline import baseline_for, format_comparison

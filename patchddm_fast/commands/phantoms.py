@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ._common import EXIT_OK, InputError, positive_int, shape_arg
+from ._common import EXIT_OK, InputError, positive_int, seed_arg, shape_arg
 
 NAME = "phantoms"
 SUMMARY = "write synthetic BraTS-layout cases"
@@ -20,7 +20,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--n", type=positive_int, default=8, help="number of cases")
     parser.add_argument("--size", type=shape_arg, default=(64, 64, 64), metavar="N|X,Y,Z",
                         help="grid size (at least 16 per axis; BraTS is 240,240,155)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the collection")
+    parser.add_argument("--seed", type=seed_arg, default=0, help="seed of the collection (0 to 2^63 - 1)")
     parser.add_argument("--layout", default="brats", choices=["brats", "original"],
                         help="folder layout: BraTS2020's, or the original PatchDDM code's")
 

@@ -270,7 +270,9 @@ def make_patch_loader(dataset: PatchDataset, batch_size: int, *, num_workers: in
         dataset.preload()
     pin = torch.cuda.is_available() if pin_memory is None else pin_memory
     sampler = StreamSampler(start, rank=rank, world_size=world_size, num_samples=num_samples)
-    generator = torch.Generator().manual_seed(dataset.seed * 1_000_003 + rank)
+    # Reduced into torch's int64 seed range: unchanged for every seed below 2^63 / 1_000_003, and
+    # seeds up to 2^63 - 1 (what `patchddm train --seed` accepts) no longer overflow.
+    generator = torch.Generator().manual_seed((dataset.seed * 1_000_003 + rank) % 2**63)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin,
         persistent_workers=num_workers > 0, prefetch_factor=prefetch_factor if num_workers > 0 else None,

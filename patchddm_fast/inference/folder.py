@@ -3,6 +3,7 @@ reported while the others go on, each case's outcome recorded in OUTPUT/sampling
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from collections.abc import Callable
@@ -12,9 +13,11 @@ from pathlib import Path
 from ..data import CaseError, DataError, find_cases, subset_cases
 from ..device import resolve_device
 from .model import load_model
-from .outputs import OUTPUT_KINDS, output_path, write_case_outputs
-from .run_log import update_run_log
+from .outputs import OUTPUT_KINDS, write_case_outputs
+from .run_log import begin_case, case_is_complete, update_run_log
 from .segmenter import SamplingSettings, Segmenter, case_seed
+
+OUTPUT_DEVICE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
 
 
 @dataclass
@@ -82,18 +85,21 @@ def sample_folder(checkpoint: str | os.PathLike, input_path: str | os.PathLike, 
         f"{segmenter.volume_shape}) into {output_dir}")
     for number, case in enumerate(cases, 1):
         prefix = f"[{number}/{len(cases)}] {case.case_id}"
-        if skip_existing and all(output_path(output_dir, case.case_id, k).exists()
-                                 for k in OUTPUT_KINDS if montage or k != "montage"):
+        kinds = [k for k in OUTPUT_KINDS if montage or k != "montage"]
+        if skip_existing and case_is_complete(output_dir, case.case_id, settings, loaded.path, kinds):
             outcomes.append(CaseOutcome(case.case_id, "skipped", "outputs exist"))
-            log(f"{prefix}: skipped (outputs exist)")
+            log(f"{prefix}: skipped (outputs exist), written earlier by this checkpoint with these settings")
             continue
         start = time.perf_counter()
         seed = case_seed(settings.seed, case.case_id)
         try:
             prepared = segmenter.prepare(case)
             result = segmenter.segment(prepared, seed=seed)
+            begin_case(output_dir, case.case_id, settings, loaded.path, kinds)  # no mixture of two runs
             written = write_case_outputs(output_dir, prepared, result, montage=montage)
         except (CaseError, FloatingPointError, MemoryError, ValueError, RuntimeError, OSError) as error:
+            if isinstance(error, OSError) and error.errno in OUTPUT_DEVICE_ERRNOS:
+                raise  # a full or read-only output folder stops the run: every case would fail the same way
             message = str(error).removeprefix(f"{case.case_id}: ").splitlines()[0]
             outcome = CaseOutcome(case.case_id, "failed", message, time.perf_counter() - start)
             log(f"{prefix}: FAILED: {message}")

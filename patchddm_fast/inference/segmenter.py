@@ -11,6 +11,7 @@ import numpy as np
 from ..data import PAPER_VOLUME, CaseError, CaseFiles, DataError, PreparedCase, load_case, prepare_raw
 from ..data.preprocess import as_shape
 from ..diffusion import FullVolumeSampler, PlanOptions, SegmentationResult
+from ..diffusion.full_volume import _model_size_multiple as model_size_multiple
 from ..diffusion.scheduler_names import SCHEDULER_NAMES, make_scheduler
 from ..precision import precision_name
 from .model import IMAGE_CHANNELS, LoadedModel
@@ -52,6 +53,15 @@ class SamplingSettings:
             raise DataError(str(error)) from None
 
 
+def check_tile(tile, model) -> None:
+    """--tile must be a multiple of the network's size multiple (it halves the grid that often)."""
+    multiple = model_size_multiple(model)
+    if any(int(n) % multiple for n in tile):
+        nearest = ",".join(str(max(multiple, round(int(n) / multiple) * multiple)) for n in tile)
+        raise DataError(f"--tile {','.join(map(str, tile))}: each side must be a multiple of {multiple}, the "
+                        f"network's size multiple (e.g. --tile {nearest})")
+
+
 class Segmenter:
     """Samples whole-volume segmentations of prepared cases with one loaded model."""
 
@@ -71,6 +81,7 @@ class Segmenter:
             scheduler = make_scheduler(self.settings.scheduler, self.loaded.schedule, steps, eta=self.settings.eta,
                                        prediction_type=self.loaded.info.prediction_type)
             tile = self.settings.tile_shape or self.loaded.patch_shape or (128, 128, 128)
+            check_tile(tile, self.loaded.model)
             options = PlanOptions(image_channels=IMAGE_CHANNELS, tiled=self.settings.tiled,
                                   tile_shape=as_shape(tile, "tile_shape"))
             self._samplers[key] = FullVolumeSampler(

@@ -12,11 +12,13 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import zipfile
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 
+from .._files import umask_mode
 from .config import UNetConfig
 from .unet import UNet3D
 
@@ -71,11 +73,20 @@ def read_state_dict(source) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if path.endswith(".npz"):
-        with np.load(path) as data:
-            names = [k for k in data.files if k.startswith("state_dict/")]
-            if names:
-                return _unwrap({k[len("state_dict/"):]: data[k] for k in names}, path)
-            return _unwrap({k: data[k] for k in data.files}, path)
+        if not zipfile.is_zipfile(path):
+            raise CheckpointMismatchError(f"{path}: is not a .npz file (not a zip archive of arrays)")
+        try:  # arrays only (allow_pickle=False): a .npz of objects is refused, never unpickled
+            with np.load(path, allow_pickle=False) as data:
+                if not hasattr(data, "files"):
+                    raise ValueError("it holds a single array, not named arrays")
+                names = [k for k in data.files if k.startswith("state_dict/")]
+                if names:
+                    arrays = {k[len("state_dict/"):]: data[k] for k in names}
+                else:
+                    arrays = {k: data[k] for k in data.files}
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+            raise CheckpointMismatchError(f"{path}: cannot be read as a .npz of arrays ({exc})") from exc
+        return _unwrap(arrays, path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -179,10 +190,13 @@ def save_checkpoint(model: UNet3D, path, **extra) -> None:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, umask_mode())  # mkstemp makes 0600; the user's umask decides, as for any file
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(error, OSError) and error.errno is not None:  # a full disk, a read-only folder
+            raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}") from error
         raise
 
 

@@ -22,7 +22,7 @@ import torch
 
 from .._extension import EXTENSION
 from ._backends import FastOp
-from ._checks import check_like, check_tensor, opmath_dtype
+from ._checks import FLOAT_DTYPES, check_like, check_tensor, opmath_dtype
 
 OP = FastOp("assemble_input", native="assemble_input")
 SPATIAL = 3
@@ -53,6 +53,13 @@ def coord_axis(start: int, length: int, size: int, *, dtype: torch.dtype = torch
     return (numerator / torch.full_like(numerator, size - 1)).to(dtype)
 
 
+def check_coord_dtype(name: str, dtype) -> None:
+    """Coordinates lie in [-1, 1]: an integer (or bool, complex) dtype would truncate them."""
+    if dtype not in FLOAT_DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in FLOAT_DTYPES)
+        raise TypeError(f"{name}: dtype must be a floating-point dtype ({names}), got {dtype}")
+
+
 def coord_encoding(patch_shape: Sequence[int], offset: Sequence[int], full_shape: Sequence[int], *,
                    dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
     """The (3, *patch_shape) coordinate channels of a patch at `offset` in a `full_shape` volume.
@@ -62,6 +69,7 @@ def coord_encoding(patch_shape: Sequence[int], offset: Sequence[int], full_shape
     patch must lie inside the volume. Computed in float32 (float64 for float64), then cast.
     """
     name = "coord_encoding"
+    check_coord_dtype(name, dtype)
     patch = _as_triple(name, "patch_shape", patch_shape)
     start = _as_triple(name, "offset", offset)
     full = _as_triple(name, "full_shape", full_shape)

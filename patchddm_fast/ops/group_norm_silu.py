@@ -14,6 +14,10 @@ saves the normalised tensor and the SiLU output on top.
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
+
 import torch
 import torch.nn.functional as F
 
@@ -44,6 +48,17 @@ def group_norm_silu_reference(x: torch.Tensor, weight: torch.Tensor | None, bias
     return (average, y) if skip is not None else y
 
 
+def as_groups(name: str, groups) -> int:
+    """groups as a Python int: any integer type (int, numpy.int64, a 0-d integer tensor) is
+    accepted through operator.index; bools and non-integers are refused."""
+    if isinstance(groups, bool):
+        raise TypeError(f"{name}: groups must be an integer, got {groups!r}")
+    try:
+        return operator.index(groups)
+    except TypeError:
+        raise TypeError(f"{name}: groups must be an integer, got {type(groups).__name__} {groups!r}") from None
+
+
 def check_arguments(name: str, x: torch.Tensor, skip: torch.Tensor | None, add: torch.Tensor | None,
                     weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int, eps: float, *,
                     kernel_layout: bool = False) -> None:
@@ -52,11 +67,13 @@ def check_arguments(name: str, x: torch.Tensor, skip: torch.Tensor | None, add: 
     kernels read them (the public op makes them so itself)."""
     check_tensor(name, "x", x, min_ndim=3)
     batch, channels = x.shape[:2]
-    if not isinstance(groups, int) or groups <= 0 or channels % groups:
+    groups = as_groups(name, groups)
+    if groups <= 0 or channels % groups:
         raise ValueError(f"{name}: groups={groups} must be a positive divisor of the {channels} "
                          f"channels of x (shape {tuple(x.shape)})")
-    if not eps > 0:
-        raise ValueError(f"{name}: eps must be positive, got {eps}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (eps > 0 and math.isfinite(eps)):
+        # inf would normalise everything to 0, nan everything to nan: neither is a GroupNorm
+        raise ValueError(f"{name}: eps must be positive and finite, got {eps!r}")
     if skip is not None:
         check_like(name, "skip", skip, x, "x")
     for label, param in (("weight", weight), ("bias", bias)):
@@ -108,6 +125,7 @@ def group_norm_silu(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
     float64 inputs). Differentiable in x, skip, add, weight and bias.
     """
     check_arguments(NAME, x, skip, add, weight, bias, groups, eps)
+    groups, eps = operator.index(groups), float(eps)
     choice = OP.resolve(x.device, backend)
     if choice == "torch":
         return group_norm_silu_reference(x, weight, bias, groups, eps, add, skip)

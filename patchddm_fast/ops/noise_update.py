@@ -22,6 +22,7 @@ which needs none.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -98,6 +99,15 @@ def check_arguments(name: str, x: torch.Tensor, eps: torch.Tensor | None, coef: 
                              f"({label}[b].is_contiguous()); got shape {tuple(t.shape)} and strides {t.stride()}")
     if out is not None and x0_out is not None and out.numel() and out.data_ptr() == x0_out.data_ptr():
         raise ValueError(f"{name}: out and x0_out must be different tensors")
+
+
+def check_step_arguments(name: str, x_t, eps) -> None:
+    """The checks of ddim_step and ddpm_step before their coefficients: a sampling step needs the
+    network's noise prediction (noise_update's eps=None, "no eps term", is not a step)."""
+    check_tensor(name, "x_t", x_t, min_ndim=1)
+    if eps is None:
+        raise TypeError(f"{name}: eps (the network's noise prediction) is required, got None")
+    check_like(name, "eps", eps, x_t, "x_t")
 
 
 def check_philox_normal(name: str, dtype: torch.dtype, seed: int, offset: int) -> None:
@@ -227,9 +237,13 @@ def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: float | torch.T
     Returns (x_prev, x0); written into out / x0_out when given (any strides; out may be x_t).
     """
     name = "ddim_step"
-    check_tensor(name, "x_t", x_t, min_ndim=1)
+    check_step_arguments(name, x_t, eps)
+    if isinstance(eta, bool) or not isinstance(eta, numbers.Real):
+        raise TypeError(f"{name}: eta must be a number, got {type(eta).__name__} {eta!r}")
     if not eta >= 0:
-        raise ValueError(f"{name}: eta must be >= 0, got {eta}")
+        raise ValueError(f"{name}: eta must be >= 0, got {eta} (0: deterministic DDIM)")
+    if not math.isfinite(eta):  # sigma would be infinite and the step NaN
+        raise ValueError(f"{name}: eta must be finite, got {eta}")
     ab_t, ab_prev = _step_alpha_bars(name, x_t, alpha_bar_t, alpha_bar_prev)
 
     def row(ab_t, ab_prev):
@@ -262,7 +276,7 @@ def ddpm_step(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: float | torch.T
     The last step (ab_prev = 1) adds no noise. Arguments and returns as ddim_step.
     """
     name = "ddpm_step"
-    check_tensor(name, "x_t", x_t, min_ndim=1)
+    check_step_arguments(name, x_t, eps)
     if variance not in ("fixed_small", "fixed_large"):
         raise ValueError(f"{name}: variance must be 'fixed_small' or 'fixed_large', got {variance!r}")
     ab_t, ab_prev = _step_alpha_bars(name, x_t, alpha_bar_t, alpha_bar_prev)
@@ -317,8 +331,11 @@ def philox_normal(shape: Sequence[int], seed: int, offset: int = 0, *, dtype: to
                   device: torch.device | str | None = None, backend: str | None = None) -> torch.Tensor:
     """Standard normal noise of `shape`: element i (row-major) is z(seed, offset + i).
 
-    The same (seed, offset) gives the same values on every backend and device (to the last
-    bits of log/cos/sin), and the same noise that ddim_step / ddpm_step / q_sample draw.
+    The same (seed, offset) gives the same noise that ddim_step / ddpm_step / q_sample draw, and
+    nearly the same values on every backend and device: the values are float32 whatever the
+    dtype (float64 output holds them exactly), and the kernels' float32 polynomials for
+    log / cos / sin differ from the reference's float64 functions by a few float32 ulps, so
+    backends agree to within PHILOX_BACKEND_ATOL = 2e-6 absolute (|z| < 5.8), not bit for bit.
     """
     name = "philox_normal"
     check_philox_normal(name, dtype, seed, offset)

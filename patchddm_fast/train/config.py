@@ -208,8 +208,8 @@ def _problems(c: TrainConfig):
         value = getattr(c, name)
         if not (_is_int(value) and value > 0):
             yield f"{name} must be a positive int, got {value!r}"
-    if not _is_int(c.seed) or c.seed < 0:
-        yield f"seed must be a non-negative int, got {c.seed!r}"
+    if not _is_int(c.seed) or not 0 <= c.seed <= 2**63 - 1:  # torch's and numpy's generators take 64 bits
+        yield f"seed must be an int from 0 to 2^63 - 1, got {c.seed!r}"
     if c.lr is not None and not (_is_number(c.lr) and c.lr > 0):
         yield f"lr must be a positive number, got {c.lr!r}"
     if c.lr_schedule not in LR_SCHEDULES:

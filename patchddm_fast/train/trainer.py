@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import math
 import time
 from dataclasses import dataclass
@@ -21,11 +20,12 @@ from pathlib import Path
 
 import torch
 
+from .._files import atomic_write_text
 from ..checkpoint_info import CheckpointInfo
 from ..data import DataError, PatchDataset, find_cases, make_patch_loader, split_cases
 from ..data.nifti import read_header
 from ..diffusion import NoiseSchedule, diffusion_loss
-from ..nn import UNet3D
+from ..nn import CheckpointMismatchError, UNet3D
 from .checkpoints import (LAST, checkpoint_exists, read_training_checkpoint, remove_stale_temporaries,
                           restore_rng_states, rng_states, save_training_checkpoint, step_path)
 from ..precision import parse_precision
@@ -168,9 +168,7 @@ class _Run:
         if not self.dist.is_main:
             return
         path = self.out_dir / SPLIT
-        partial = path.with_name(f".{SPLIT}.partial")
-        partial.write_text(json.dumps({"data_dir": str(self.config.data_dir), **self.split}, indent=1))
-        os.replace(partial, path)
+        atomic_write_text(path, json.dumps({"data_dir": str(self.config.data_dir), **self.split}, indent=1))
         held = ", ".join(f"{name} {len(self.split[name])} ({' '.join(self.split[name]) or '-'})"
                          for name in ("validation", "test"))
         self.log.message(f"split of {self.config.data_dir}: train {len(self.split['train'])}, {held}; "
@@ -183,14 +181,16 @@ class _Run:
         model, extra = resumed
         c = self.config
         if model.config != c.network:
-            raise ValueError(f"{self.out_dir / LAST}: its network {model.config} differs from the one asked for "
+            raise CheckpointMismatchError(f"{self.out_dir / LAST}: its network {model.config} differs from the one asked for "
                              f"({c.network}; preset {c.preset!r}, width {c.width}); resume with the same settings")
         info = CheckpointInfo.from_dict(extra)
         patch, volume = info.patch_shape[0], info.volume_shape[0]
         if patch != c.patch_edge:
-            raise ValueError(f"{self.out_dir / LAST}: trained on {patch}^3 patches, but patch={c.patch_edge}")
+            raise CheckpointMismatchError(f"{self.out_dir / LAST}: trained on {patch}^3 patches, but --patch "
+                                          f"{c.patch_edge}; resume with the same settings")
         if c.volume is not None and volume != c.volume:
-            raise ValueError(f"{self.out_dir / LAST}: trained on a {volume}^3 volume, but volume={c.volume}")
+            raise CheckpointMismatchError(f"{self.out_dir / LAST}: trained on a {volume}^3 volume, but --volume "
+                                          f"{c.volume}; resume with the same settings")
         before = extra["train_config"]
         if before.get("seed") != c.seed:
             logger.warning("patchddm_fast: resuming with seed %s instead of %s: later draws differ from an "

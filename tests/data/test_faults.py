@@ -16,8 +16,9 @@ import pytest
 import torch
 from cases import write_case
 
-from patchddm_fast.data import CaseError, PatchDataset, find_cases, load_case, paper_split, split_cases, write_nifti
+from patchddm_fast.data import CaseError, PatchDataset, find_cases, load_case, split_cases, write_nifti
 from patchddm_fast.data import nifti as nifti_module
+from patchddm_fast.data.split import paper_split  # not among the package's user-facing names
 
 SHAPE = (16, 16, 16)
 KINDS = ("t1", "t1ce", "t2", "flair", "seg")
@@ -216,7 +217,7 @@ def test_a_huge_header_is_a_bad_case(tmp_path):
     dataset = PatchDataset([huge, good], patch_shape=8, volume_shape=16, cache_bytes=0)
     assert {dataset[n].case_index for n in range(6)} == {1}
     assert dataset.report.failed_cases == ["Case_002"]
-    from patchddm_fast.data import read_header  # header-only reads (the trainer's volume size) check too
+    from patchddm_fast.data.nifti import read_header  # header-only reads (the trainer's volume size) check too
     with pytest.raises(CaseError, match="1500 x 1500 x 1500"):
         read_header(huge.files["t1"])
 
