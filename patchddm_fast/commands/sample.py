@@ -14,7 +14,10 @@ DESCRIPTION = ("Segments every case in INPUT (one case folder, or a folder of ca
                "  <case>_uncertainty.nii.gz  per-voxel standard deviation across the ensemble\n"
                "  <case>_montage.png         axial, coronal, sagittal slices through the tumour\n"
                "  sampling.json              each case's settings, seed, time and status\n"
-               "A case that fails is reported and the others go on.")
+               "A case that fails is reported and the others go on.\n"
+               "Under `torchrun --nproc_per_node=N -m patchddm_fast sample ...` the cases are shared out across N "
+               "processes, one GPU each (the CPU with gloo where there is none), with the same outputs as one "
+               "process; rank 0 writes sampling.json and reports the run.")
 
 
 def add_arguments(parser) -> None:
@@ -36,6 +39,8 @@ def run(args) -> int:
     report = sample_folder(args.checkpoint, args.input, args.output, sampling_settings(args), device=args.device,
                            skip_existing=args.skip_existing, montage=not args.no_montage, progress=not args.quiet,
                            subset=args.subset)
+    if not report.is_main:  # under torchrun rank 0 reports the whole run and carries its exit status
+        return EXIT_OK
     done, failed = len(report.succeeded), report.failed
     skipped = len(report.outcomes) - done - len(failed)
     print(f"{done} case(s) written to {report.output_dir}"

@@ -1,5 +1,10 @@
 """`patchddm sample` on a folder: every case of INPUT segmented into OUTPUT, a failing case
-reported while the others go on, each case's outcome recorded in OUTPUT/sampling.json."""
+reported while the others go on, each case's outcome recorded in OUTPUT/sampling.json.
+
+Under torchrun the cases are shared out across the processes (case i to rank i % WORLD_SIZE),
+each on its own GPU; rank 0 writes every case's record into sampling.json and reports the run.
+A case's seed depends on the run's seed and its id only, so the outputs are the same for any
+number of processes."""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data import CaseError, DataError, find_cases, subset_cases
-from ..device import resolve_device
+from ..distributed import Distributed
 from .model import load_model
 from .outputs import OUTPUT_KINDS, write_case_outputs
 from .run_log import begin_case, case_is_complete, update_run_log
@@ -34,6 +39,9 @@ class CaseOutcome:
 class SampleReport:
     outcomes: list[CaseOutcome]
     output_dir: Path
+    # False on the other processes of a torchrun run: rank 0 reports the whole run (every
+    # process's report holds every outcome).
+    is_main: bool = True
 
     @property
     def failed(self) -> list[CaseOutcome]:
@@ -56,7 +64,23 @@ def sample_folder(checkpoint: str | os.PathLike, input_path: str | os.PathLike, 
     output_dir; subset: only one part of the folder's split (patchddm_fast.data.SUBSETS, e.g.
     "held-out", the cases a model trained on the folder never saw). Problems with single cases are reported in the returned SampleReport; problems
     with the whole run (no cases, unreadable checkpoint) raise DataError or
-    CheckpointMismatchError before anything is written."""
+    CheckpointMismatchError before anything is written.
+
+    Under torchrun (WORLD_SIZE > 1) each process samples its share of the cases on its
+    LOCAL_RANK's GPU (device "auto" or "cuda"; the CPU with gloo where there is none), and
+    every process returns the report of the whole run once sampling.json holds every case."""
+    distributed = Distributed(device)
+    try:
+        return _sample_cases(checkpoint, input_path, output_dir, settings, distributed, skip_existing=skip_existing,
+                             montage=montage, progress=progress and distributed.is_main, subset=subset, log=log)
+    finally:
+        distributed.close()
+
+
+def _sample_cases(checkpoint, input_path, output_dir, settings: SamplingSettings, distributed: Distributed, *,
+                  skip_existing: bool, montage: bool, progress: bool, subset: str,
+                  log: Callable[[str], None]) -> SampleReport:
+    """sample_folder's work, for this process's share of the cases."""
     output_dir = Path(output_dir).expanduser()
     if output_dir.exists() and not output_dir.is_dir():
         raise DataError(f"{output_dir}: exists and is not a folder")
@@ -72,18 +96,31 @@ def sample_folder(checkpoint: str | os.PathLike, input_path: str | os.PathLike, 
         Path(input_path).expanduser().resolve()))]
     if not cases and not problems:
         raise DataError(f"{input_path}: holds no case besides the output folder {output_dir}")
-    loaded = load_model(checkpoint, device=resolve_device(device))
+    loaded = load_model(checkpoint, device=distributed.device)
     segmenter = Segmenter(loaded, settings, progress=progress)
     segmenter.sampler()  # checks the steps against the model's schedule before any work
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    outcomes = [CaseOutcome(p.case_id, "failed", p.message) for p in problems]
+    outcomes = [CaseOutcome(p.case_id, "failed", p.message) for p in problems if distributed.is_main]
     for outcome in outcomes:
         log(f"{outcome.case_id}: FAILED: {outcome.message}")
-    log(f"{len(cases)} case(s) to sample from {input_path} on {loaded.device} ({settings.steps} steps, "
-        f"ensemble {settings.ensemble}, {settings.precision}{', tiled' if settings.tiled else ''}; volume grid "
-        f"{segmenter.volume_shape}) into {output_dir}")
+    where = (f"{distributed.world_size} processes (rank 0: {loaded.device})" if distributed.enabled
+             else loaded.device)
+    if distributed.is_main:
+        log(f"{len(cases)} case(s) to sample from {input_path} on {where} ({settings.steps} steps, "
+            f"ensemble {settings.ensemble}, {settings.precision}{', tiled' if settings.tiled else ''}; volume grid "
+            f"{segmenter.volume_shape}) into {output_dir}")
+    records = []  # (outcome, seed) of this process's cases for sampling.json
+
+    def record(outcome: CaseOutcome, seed: int | None) -> None:
+        """Into sampling.json at once on rank 0 (its one writer), from the others at the end."""
+        records.append((outcome, seed))
+        if distributed.is_main:
+            update_run_log(output_dir, settings, loaded.path, outcome, seed)
+
     for number, case in enumerate(cases, 1):
+        if not distributed.owns(number - 1):
+            continue
         prefix = f"[{number}/{len(cases)}] {case.case_id}"
         kinds = [k for k in OUTPUT_KINDS if montage or k != "montage"]
         if skip_existing and case_is_complete(output_dir, case.case_id, settings, loaded.path, kinds):
@@ -113,5 +150,15 @@ def sample_folder(checkpoint: str | os.PathLike, input_path: str | os.PathLike, 
             for note in prepared.warnings:
                 log(f"{prefix}: warning: {note}")
         outcomes.append(outcome)
-        update_run_log(output_dir, settings, loaded.path, outcome, seed)
-    return SampleReport(outcomes, output_dir)
+        record(outcome, seed)
+    if not distributed.enabled:
+        return SampleReport(outcomes, output_dir)
+    shares = distributed.gather((outcomes, records))
+    if distributed.is_main:
+        for _, others in shares[1:]:
+            for outcome, seed in others:
+                update_run_log(output_dir, settings, loaded.path, outcome, seed)
+    distributed.barrier()  # sampling.json is complete before any process returns
+    order = {case.case_id: i for i, case in enumerate(cases)}  # the INPUT's problems (-1) first
+    everyone = sorted((o for share, _ in shares for o in share), key=lambda o: order.get(o.case_id, -1))
+    return SampleReport(everyone, output_dir, distributed.is_main)

@@ -32,8 +32,8 @@ class FusedGroupNormSiLU(nn.Module):
     so a checkpoint of the unfused model loads unchanged. forward(x, add=None, skip=None):
     add, a (B, C) tensor, is added per (batch, channel) before normalising; with skip the
     input is first averaged with it, (x + skip) / 2, and (average, y) is returned instead of y.
-    Statistics are float32 for every input dtype; the output has x's dtype. The fused op
-    makes x NCDHW-contiguous first (a copy for channels_last inputs).
+    Statistics are float32 for every input dtype; the output has x's dtype and memory format.
+    The fused op computes in NCDHW-contiguous (copies there and back for channels_last inputs).
     """
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,

@@ -121,18 +121,62 @@ def group_norm_silu(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
     skip: a tensor like x, averaged with it first: the decoder's (h + skip) / 2.
 
     Returns y, like x; or (average, y) when skip is given, average = (x + skip) / 2 in x's
-    dtype (the ResBlock's residual path needs it). Statistics are float32 (float64 for
-    float64 inputs). Differentiable in x, skip, add, weight and bias.
+    dtype (the ResBlock's residual path needs it). Both in x's memory format (channels_last_3d
+    for a channels_last_3d x, as F.group_norm), the gradients of x and skip in theirs.
+    Statistics are float32 (float64 for float64 inputs). Differentiable in x, skip, add,
+    weight and bias.
     """
     check_arguments(NAME, x, skip, add, weight, bias, groups, eps)
     groups, eps = operator.index(groups), float(eps)
     choice = OP.resolve(x.device, backend)
+    # Every backend computes in the contiguous layout, which the kernels read: a channels-last
+    # x (or skip) is copied there, the outputs back, and their gradients too.
+    layout = memory_format(x)
+    x, skip = to_contiguous(x), to_contiguous(skip) if skip is not None else None
     if choice == "torch":
-        return group_norm_silu_reference(x, weight, bias, groups, eps, add, skip)
-    ops = torch.ops.patchddm_triton if choice == "triton" else torch.ops.patchddm
-    contiguous = [t.contiguous() if t is not None else None for t in (x, skip, add, weight, bias)]
-    y, average, _, _ = ops.group_norm_silu_forward(*contiguous, groups, float(eps))
-    return (average, y) if skip is not None else y
+        outputs = group_norm_silu_reference(x, weight, bias, groups, eps, add, skip)
+    else:
+        ops = torch.ops.patchddm_triton if choice == "triton" else torch.ops.patchddm
+        contiguous = [t.contiguous() if t is not None else None for t in (x, skip, add, weight, bias)]
+        y, average, _, _ = ops.group_norm_silu_forward(*contiguous, groups, float(eps))
+        outputs = (average, y) if skip is not None else y
+    if isinstance(outputs, tuple):
+        return tuple(t.contiguous(memory_format=layout) for t in outputs)
+    return outputs.contiguous(memory_format=layout)
+
+
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def memory_format(t: torch.Tensor) -> torch.memory_format:
+    """channels_last(_3d) for a 4-D (5-D) tensor laid out so, else contiguous_format (which
+    also wins where both fit, as with one channel)."""
+    channels_last = _CHANNELS_LAST.get(t.dim())
+    if channels_last is not None and not t.is_contiguous() and t.is_contiguous(memory_format=channels_last):
+        return channels_last
+    return torch.contiguous_format
+
+
+class _Contiguous(torch.autograd.Function):
+    """t.contiguous(), whose gradient comes back in t's memory format (a plain .contiguous()
+    hands back the contiguous gradient of its copy)."""
+
+    @staticmethod
+    def forward(t, layout):
+        return t.contiguous()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.layout = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous(memory_format=ctx.layout), None
+
+
+def to_contiguous(t: torch.Tensor) -> torch.Tensor:
+    layout = memory_format(t)
+    return t if layout == torch.contiguous_format else _Contiguous.apply(t, layout)
 
 
 # -- fake kernels and autograd, shared by the compiled and the Triton ops ---------------------

@@ -30,7 +30,7 @@ from .checkpoints import (LAST, checkpoint_exists, read_training_checkpoint, rem
                           restore_rng_states, rng_states, save_training_checkpoint, step_path)
 from ..precision import parse_precision
 from .config import TrainConfig
-from .distributed import Distributed
+from ..distributed import Distributed
 from .ema import WeightAverage
 from .interrupt import StopRequest, ignore_interrupts
 from .logs import RunLog

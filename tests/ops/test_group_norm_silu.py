@@ -223,6 +223,77 @@ def test_compile_fullgraph(device, backend):
         assert_close(a, e)
 
 
+CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def channels_last_twin(inputs, names=("x", "skip")):
+    """inputs with the tensors `names` copied to channels-last leaves (the same values)."""
+    layout = CHANNELS_LAST[inputs["x"].dim()]
+    return dict(inputs, **{n: inputs[n].detach().contiguous(memory_format=layout).requires_grad_()
+                           for n in names if inputs[n] is not None})
+
+
+def assert_same(actual, expected):
+    """Every backend computes on the contiguous copy of a channels-last input: the same bits."""
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("shape,groups", [((2, 8, 5, 3, 7), 2), ((2, 6, 4, 5), 3)], ids=["3d", "2d"])
+@pytest.mark.parametrize("skip_layout", ["channels_last", "contiguous"])
+def test_channels_last_input_gives_channels_last_outputs_and_gradients(device, backend, shape, groups, skip_layout):
+    layout = CHANNELS_LAST[len(shape)]
+    inputs = make_inputs(shape, ("add", "skip", "weight", "bias"), torch.float32, device, requires_grad=True)
+    last = channels_last_twin(inputs, ("x", "skip") if skip_layout == "channels_last" else ("x",))
+    assert not last["x"].is_contiguous()
+    out_weight, avg_weight = torch.randn(shape, device=device), torch.randn(shape, device=device)
+
+    def outputs_and_gradients(given):
+        average, y = run(given, groups, backend)
+        loss = (y * out_weight).sum() + (average * avg_weight).sum()
+        leaves = [given[n] for n in ("x", "skip", "add", "weight", "bias")]
+        return (average, y), dict(zip(("x", "skip", "add", "weight", "bias"), torch.autograd.grad(loss, leaves)))
+
+    (average, y), grads = outputs_and_gradients(last)
+    (expected_average, expected_y), expected_grads = outputs_and_gradients(inputs)
+    assert y.is_contiguous(memory_format=layout) and average.is_contiguous(memory_format=layout)  # as F.group_norm
+    assert_same(y, expected_y)
+    assert_same(average, expected_average)
+    for name, grad in grads.items():
+        leaf = last[name]
+        # Each gradient in its input's layout: channels-last for x (and skip when it is).
+        assert grad.stride() == leaf.stride(), (name, grad.stride(), leaf.stride())
+        assert_same(grad, expected_grads[name])
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_channels_last_without_skip(device, backend):
+    inputs = make_inputs((1, 4, 3, 2, 5), ("weight",), torch.float32, device)
+    last = channels_last_twin(inputs, ("x",))
+    y = run(last, 2, backend)
+    assert y.is_contiguous(memory_format=torch.channels_last_3d) and not y.is_contiguous()
+    assert_same(y, run(inputs, 2, backend))
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_compile_fullgraph_channels_last(device, backend):
+    """torch.compile traces the layout changes: the compiled outputs and gradients have the
+    strides of the eager ones."""
+    def f(x, skip, add, weight, bias):
+        return group_norm_silu(x, weight, bias, 2, add=add, skip=skip, backend=backend)
+
+    inputs = channels_last_twin(make_inputs((2, 4, 3, 2, 5), ("add", "skip", "weight", "bias"), torch.float32,
+                                            device, requires_grad=True))
+    args = tuple(inputs.values())
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for outputs in (compiled(*args), f(*args)):
+        assert all(t.is_contiguous(memory_format=torch.channels_last_3d) for t in outputs)
+        grads = torch.autograd.grad(outputs[1].sum() + outputs[0].sum(), args)
+        assert [g.stride() for g in grads] == [a.stride() for a in args]
+    for a, e in zip(compiled(*args), f(*args)):
+        assert_same(a, e)
+
+
 def test_bad_inputs_name_the_problem():
     x = torch.randn(2, 6, 5)
     with pytest.raises(ValueError, match="groups=4 must be a positive divisor of the 6 channels"):

@@ -1,8 +1,10 @@
-"""Data-parallel training under torchrun, and the single-process case, behind one interface.
+"""Running under torchrun, and the single-process case, behind one interface: data-parallel
+training (patchddm_fast.train) and sampling a folder split across processes
+(patchddm_fast.inference.sample_folder).
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK in each process's environment; when they are
-there (and WORLD_SIZE > 1) the process group is initialised (NCCL on CUDA, gloo on the CPU)
-and the model is wrapped in DistributedDataParallel. Without them, nothing changes.
+there (and WORLD_SIZE > 1) the process group is initialised (NCCL on CUDA, gloo on the CPU),
+each process on its LOCAL_RANK's GPU when there is one. Without them, nothing changes.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import os
 import torch
 import torch.distributed as dist
 
-from ..device import resolve_device
+from .device import resolve_device
 
-# Validation runs on rank 0 while the others wait at a barrier: give it time.
+# Validation runs on rank 0 while the others wait at a barrier, and a sampling process that has
+# finished its share of the cases waits for the others: give them time.
 _TIMEOUT = datetime.timedelta(hours=2)
 
 
@@ -30,7 +33,7 @@ def _env_int(name: str) -> int | None:
 
 
 class Distributed:
-    """rank, world_size, device, and the few collective operations the trainer needs."""
+    """rank, world_size, device, and the few collective operations training and sampling need."""
 
     def __init__(self, device: str = "auto"):
         rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
@@ -76,6 +79,19 @@ class Distributed:
         tensor = torch.tensor([1.0 if flag else 0.0], device=self.device if self.device.type == "cuda" else "cpu")
         dist.broadcast(tensor, src=0)
         return bool(tensor.item())
+
+    def owns(self, index: int) -> bool:
+        """Whether item `index` of a list shared out across the processes is this one's
+        (round robin: item i belongs to rank i % world_size)."""
+        return index % self.world_size == self.rank
+
+    def gather(self, value: object) -> list:
+        """Every process's (picklable) value, in rank order, on every process."""
+        if not self.enabled:
+            return [value]
+        values = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
 
     def barrier(self) -> None:
         if self.enabled:
