@@ -132,7 +132,8 @@ def _sample_cases(checkpoint, input_path, output_dir, settings: SamplingSettings
         try:
             prepared = segmenter.prepare(case)
             result = segmenter.segment(prepared, seed=seed)
-            begin_case(output_dir, case.case_id, settings, loaded.path, kinds)  # no mixture of two runs
+            # no mixture of two runs; rank 0 alone writes sampling.json
+            begin_case(output_dir, case.case_id, settings, loaded.path, kinds, write_record=distributed.is_main)
             written = write_case_outputs(output_dir, prepared, result, montage=montage)
         except (CaseError, FloatingPointError, MemoryError, ValueError, RuntimeError, OSError) as error:
             if isinstance(error, OSError) and error.errno in OUTPUT_DEVICE_ERRNOS:

@@ -99,15 +99,20 @@ def case_is_complete(output_dir: str | os.PathLike, case_id: str, settings: Samp
 
 
 def begin_case(output_dir: str | os.PathLike, case_id: str, settings: SamplingSettings,
-               checkpoint: str | os.PathLike, kinds=OUTPUT_KINDS) -> None:
+               checkpoint: str | os.PathLike, kinds=OUTPUT_KINDS, *, write_record: bool = True) -> None:
     """Before a case's outputs are (re)written: its record says "writing" (so no half-rewritten
     case is ever trusted), and outputs of kinds this run does not write (the montage with
-    --no-montage), which an earlier run made, are removed so that they cannot be mixed in."""
+    --no-montage), which an earlier run made, are removed so that they cannot be mixed in.
+    write_record False (the other processes of a torchrun run, where rank 0 alone writes
+    sampling.json): the record stays as it is; the outputs' recorded hashes still keep a
+    half-rewritten case from being skipped."""
     output_dir = Path(output_dir)
-    log = read_run_log(output_dir)
-    log["cases"][case_id] = {"status": WRITING, "checkpoint": str(checkpoint),
-                             "checkpoint_sha256": checkpoint_sha256(checkpoint), "settings": settings_record(settings)}
-    _write_run_log(output_dir, log)
+    if write_record:
+        log = read_run_log(output_dir)
+        log["cases"][case_id] = {"status": WRITING, "checkpoint": str(checkpoint),
+                                 "checkpoint_sha256": checkpoint_sha256(checkpoint),
+                                 "settings": settings_record(settings)}
+        _write_run_log(output_dir, log)
     for kind in OUTPUT_KINDS:
         if kind not in kinds:
             output_path(output_dir, case_id, kind).unlink(missing_ok=True)
