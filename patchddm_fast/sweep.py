@@ -114,8 +114,10 @@ def _write_rows(path: Path, fields: Sequence[str], rows: Sequence[dict]) -> Path
     return atomic_write(path, write, newline="")
 
 
-def write_sweep(out_dir: str | os.PathLike, scores: Sequence[SweepScore], *, title: str = "") -> dict[str, Path]:
-    """Writes sweep_cases.csv (every case's scores), sweep_summary.csv and sweep.png."""
+def write_sweep(out_dir: str | os.PathLike, scores: Sequence[SweepScore], *, title: str = "",
+                scheduler: str = "ddim") -> dict[str, Path]:
+    """Writes sweep_cases.csv (every case's scores), sweep_summary.csv and sweep.png (its
+    x axis names the scheduler)."""
     from .visualize import sweep_plot
 
     out_dir = Path(out_dir)
@@ -123,7 +125,7 @@ def write_sweep(out_dir: str | os.PathLike, scores: Sequence[SweepScore], *, tit
     return {
         "cases": _write_rows(out_dir / "sweep_cases.csv", FIELDS, [asdict(s) for s in scores]),
         "summary": _write_rows(out_dir / "sweep_summary.csv", SUMMARY_FIELDS, summary),
-        "plot": sweep_plot(out_dir / "sweep.png", summary, title=title),
+        "plot": sweep_plot(out_dir / "sweep.png", summary, title=title, scheduler=scheduler),
     }
 
 

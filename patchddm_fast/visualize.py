@@ -159,7 +159,8 @@ def case_montage(path: str | os.PathLike, flair: np.ndarray, prediction: np.ndar
     return _save(figure, path, dpi)
 
 
-def sweep_plot(path: str | os.PathLike, summary: Sequence[Mapping], *, title: str = "", dpi: int = 110) -> Path:
+def sweep_plot(path: str | os.PathLike, summary: Sequence[Mapping], *, title: str = "", dpi: int = 110,
+               scheduler: str = "ddim") -> Path:
     """Dice and HD95 against the number of sampling steps, one line per ensemble size, like
     Figure 5 of the PatchDDM paper.
 
@@ -190,7 +191,7 @@ def sweep_plot(path: str | os.PathLike, summary: Sequence[Mapping], *, title: st
         axis.set_xticks(steps)
         axis.set_xticklabels([str(s) for s in steps])
         axis.minorticks_off()
-        axis.set_xlabel("sampling steps (DDIM)")
+        axis.set_xlabel(f"sampling steps ({ {'ddim': 'DDIM', 'ddpm': 'DDPM'}.get(scheduler, scheduler)})")
         axis.set_ylabel(label)
         axis.grid(True, alpha=0.3)
     axes[0].legend(fontsize=8, loc="lower right")

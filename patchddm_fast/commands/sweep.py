@@ -50,7 +50,8 @@ def run(args) -> int:
     if not scores:
         print(f"every case failed: {failed}", file=sys.stderr)
         return EXIT_CASES_FAILED
-    written = write_sweep(args.out_dir, scores, title=f"{Path(args.checkpoint).name} on {len(cases)} case(s)")
+    written = write_sweep(args.out_dir, scores, title=f"{Path(args.checkpoint).name} on {len(cases)} case(s)",
+                          scheduler=args.scheduler)
     print(format_sweep(summarise_sweep(scores)))
     for kind, path in written.items():
         print(f"{kind}: {path}")
