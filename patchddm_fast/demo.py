@@ -29,6 +29,7 @@ Every setting of the demo is in DemoRecipe, plain data; run_demo only carries it
 from __future__ import annotations
 
 import dataclasses
+import os
 import resource
 import time
 from collections.abc import Callable
@@ -41,7 +42,7 @@ from .baseline import baseline_for, format_comparison
 from .data import DataError, find_cases, subset_cases, write_phantoms
 from .device import resolve_device
 from .evaluation import FolderScores, evaluate_folders, format_table, write_csv
-from .fast_settings import fast_settings
+from .fast_settings import fast_settings, fastest_thread_count
 from .inference import SamplingSettings, Segmenter, case_seed, load_model, write_case_outputs
 from .train import TrainConfig, train
 
@@ -136,6 +137,33 @@ class DemoResult:
     baseline_threshold: float | None = None
 
 
+def _choose_threads(recipe: DemoRecipe, log) -> int:
+    """Sets the intra-op thread count that runs a training step of the recipe fastest here and
+    now (measured; one thread often wins on a shared machine). OMP_NUM_THREADS, when set, wins."""
+    if "OMP_NUM_THREADS" in os.environ or (os.cpu_count() or 1) == 1:
+        return torch.get_num_threads()
+    from .nn import PRESETS, UNet3D
+    from .precision import autocast
+
+    network = PRESETS[recipe.preset]
+    if recipe.width is not None:
+        network = network.replace(model_channels=recipe.width, groups=recipe.width)
+    model = UNet3D(network, channels_last=recipe.channels_last)
+    x = torch.randn(1, network.in_channels, *(recipe.patch,) * 3)
+    t = torch.tensor([500])
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with autocast(torch.device("cpu"), recipe.precision):
+            out = model(x, t)
+        out.float().square().mean().backward()
+
+    threads, times = fastest_thread_count(step, rounds=2)
+    torch.set_num_threads(threads)
+    log("      threads: " + ", ".join(f"{n}: {s * 1000:.0f} ms/step" for n, s in times.items()) + f" -> {threads}")
+    return threads
+
+
 def run_demo(out_dir: str | Path = "patchddm_demo", *, quick: bool = False, device: str = "auto",
              recipe: DemoRecipe | None = None, data: str | Path | None = None, progress: bool = True,
              log: Callable[[str], None] = lambda m: print(m, flush=True)) -> DemoResult:
@@ -158,7 +186,7 @@ def run_demo(out_dir: str | Path = "patchddm_demo", *, quick: bool = False, devi
         lap[:] = [now, now_cpu]
 
     train_dir, pred_dir = out_dir / "train", out_dir / "predictions"
-    threads = torch.get_num_threads() if device.type == "cpu" else None
+    threads = _choose_threads(recipe, log) if device.type == "cpu" else None
     log(f"      {device}{f' ({threads} threads)' if threads else ''}: {recipe.precision}, "
         f"{'channels_last_3d' if recipe.channels_last else 'contiguous'} ({fast_settings(device).reason}); "
         f"the network predicts {recipe.prediction_type}")

@@ -67,4 +67,35 @@ def fast_settings(device: torch.device | str) -> FastSettings:
     return FastSettings("fp32", False, f"{device.type}: no measured preference")
 
 
-__all__ = ["FastSettings", "cpu_flags", "fast_settings", "native_bfloat16"]
+
+def fastest_thread_count(workload, candidates=None, rounds: int = 3) -> tuple[int, dict[int, float]]:
+    """The intra-op thread count under which `workload()` runs fastest here and now, with the
+    best time of `rounds` runs per candidate (seconds). candidates: default 1 and every core.
+
+    Measured, not guessed: on a machine that other jobs share, OpenMP threads that wait for a
+    descheduled peer can make N threads several times slower than one; on a quiet one N wins.
+    The thread count in force before the call is restored.
+    """
+    import os
+    import time
+
+    cores = os.cpu_count() or 1
+    candidates = sorted(set(candidates or (1, cores)))
+    before = torch.get_num_threads()
+    best = {}
+    try:
+        for threads in candidates:
+            torch.set_num_threads(threads)
+            workload()  # warm-up: first-call allocations and kernel selection
+            times = []
+            for _ in range(rounds):
+                start = time.perf_counter()
+                workload()
+                times.append(time.perf_counter() - start)
+            best[threads] = min(times)
+    finally:
+        torch.set_num_threads(before)
+    return min(best, key=best.get), best
+
+
+__all__ = ["FastSettings", "cpu_flags", "fast_settings", "fastest_thread_count", "native_bfloat16"]
