@@ -32,6 +32,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -46,6 +47,9 @@ namespace {
 constexpr int64_t kChunk = 32768;  // elements of one channel per parallel unit
 constexpr int64_t kTile = 1024;    // elements summed in the arithmetic type before a double add
 constexpr int64_t kGrain = 32768;  // elements per task at least: amortises the fork
+// Largest group whose dz the half-precision backward keeps in a float buffer per thread
+// (1 MiB: one group of the paper's levels, 4 channels of 16^3 to 1 of 64^3, in L2).
+constexpr int64_t kScratchElements = 262144;
 
 using cpu::Elem;  // storage <-> arithmetic conversion of each dtype
 
@@ -89,18 +93,24 @@ struct Units {
 //  - by unit: pass 1 over all units in parallel, every finish, pass 2 in parallel; the
 //    chunks split each channel, so few large groups (a batch of one with 8 groups on 16
 //    threads) still use every thread.
-template <typename Stats, typename Finish, typename Apply>
-void run_passes(const Units& units, int64_t groups, int64_t per_group, Stats&& stats, Finish&& finish,
-                Apply&& apply) {
+// Whether run_passes goes by group: when the busiest thread has at most ~15% more than an
+// even share of the groups.
+bool by_group(int64_t groups) {
   const int64_t threads = at::get_num_threads();
+  const int64_t rounds = (groups + threads - 1) / threads;  // groups per thread, at most
+  return threads <= 1 || (groups > 0 && groups * 100 >= rounds * threads * 85);
+}
+
+// start(), when given, runs once per task of the by-group schedule before its first group.
+template <typename Stats, typename Finish, typename Apply, typename Start = std::nullptr_t>
+void run_passes(const Units& units, int64_t groups, int64_t per_group, Stats&& stats, Finish&& finish,
+                Apply&& apply, Start&& start = nullptr) {
   const int64_t group_units = per_group * units.per_channel;
   const int64_t group_elements = per_group * units.spatial;
-  const int64_t rounds = (groups + threads - 1) / threads;  // groups per thread, at most
-  // by group when the busiest thread has at most ~15% more than an even share of the work
-  const bool by_group = threads <= 1 || (groups > 0 && groups * 100 >= rounds * threads * 85);
-  if (by_group) {
+  if (by_group(groups)) {
     const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, group_elements));
     at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
+      if constexpr (!std::is_same_v<std::decay_t<Start>, std::nullptr_t>) start();
       for (int64_t g = begin; g < end; ++g) {
         units.for_each(g * group_units, (g + 1) * group_units, stats);
         finish(g);
@@ -257,16 +267,29 @@ void backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
     q[bc] = static_cast<acc>((add_v[bc] - static_cast<double>(mean_p[bg])) * static_cast<double>(rstd_p[bg]));
   }
 
-  // Pass 1: per-unit sums of dz, dz * xhat and xhat; dz kept in grad_input where it fits.
+  // Pass 1: per-unit sums of dz, dz * xhat and xhat; dz kept in grad_input where it fits, or
+  // else, going by group, in a float buffer of one group per task (from cache in pass 2,
+  // instead of computing the sigmoid again).
   auto* gip = mutable_storage_ptr<T>(grad_input);
   acc* kept = kKeepsDz<T> ? reinterpret_cast<acc*>(gip) : nullptr;
   const Units units(bc_count, S);
+  const int64_t group_elements = Cg * S;
+  const bool scratch = !kKeepsDz<T> && by_group(d.batch * d.groups) && group_elements <= kScratchElements;
   std::vector<double> sums(units.count() * 3);
+  // The task's buffer; each thread runs its own task (the lambdas below read the pointer that
+  // start_task set on this thread).
+  thread_local acc* task_dz = nullptr;
   auto stats_unit = [&](int64_t u, int64_t bc, int64_t offset, int64_t len) {
     const int64_t c = bc % d.channels;
-    PATCHDDM_DISPATCH_ISA(choice, isa::grad_stats_span<T, kKeepsDz<T>>(
-                                      dyp + offset, ap + offset, kKeepsDz<T> ? kept + offset : nullptr, len,
-                                      rstd_p[bc / Cg], q[bc], w[c], b[c], &sums[u * 3]));
+    if (scratch) {
+      PATCHDDM_DISPATCH_ISA(choice, isa::grad_stats_span<T, true>(
+                                        dyp + offset, ap + offset, task_dz + offset % group_elements, len,
+                                        rstd_p[bc / Cg], q[bc], w[c], b[c], &sums[u * 3]));
+    } else {
+      PATCHDDM_DISPATCH_ISA(choice, isa::grad_stats_span<T, kKeepsDz<T>>(
+                                        dyp + offset, ap + offset, kKeepsDz<T> ? kept + offset : nullptr, len,
+                                        rstd_p[bc / Cg], q[bc], w[c], b[c], &sums[u * 3]));
+    }
   };
 
   // du = rstd (w dz - m1 - xhat m2), m1 = mean over the group of w dz, m2 of w dz xhat.
@@ -308,12 +331,28 @@ void backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
                                                                  kept + offset, len, rstd_p[bc / Cg], q[bc],
                                                                  c1[bc], c2[bc], c3[bc], scale_in));
     } else {
-      PATCHDDM_DISPATCH_ISA(choice, isa::grad_apply_span<T>(dyp + offset, ap + offset, gap ? gap + offset : nullptr,
-                                                            gip + offset, len, rstd_p[bc / Cg], q[bc], w[c], b[c],
-                                                            c1[bc], c2[bc], c3[bc], scale_in));
+      if (scratch) {
+        PATCHDDM_DISPATCH_ISA(choice, isa::grad_apply_dz_span<T>(ap + offset, gap ? gap + offset : nullptr,
+                                                                 task_dz + offset % group_elements, gip + offset,
+                                                                 len, rstd_p[bc / Cg], q[bc], c1[bc], c2[bc],
+                                                                 c3[bc], scale_in));
+      } else {
+        PATCHDDM_DISPATCH_ISA(choice, isa::grad_apply_span<T>(dyp + offset, ap + offset, gap ? gap + offset : nullptr,
+                                                              gip + offset, len, rstd_p[bc / Cg], q[bc], w[c], b[c],
+                                                              c1[bc], c2[bc], c3[bc], scale_in));
+      }
     }
   };
-  run_passes(units, d.batch * d.groups, Cg, stats_unit, finish_group, apply_unit);
+  if (scratch) {
+    std::vector<std::unique_ptr<acc[]>> buffers(at::get_num_threads());
+    run_passes(units, d.batch * d.groups, Cg, stats_unit, finish_group, apply_unit, [&] {
+      auto& buffer = buffers[at::get_thread_num()];
+      if (!buffer) buffer.reset(new acc[group_elements]);
+      task_dz = buffer.get();
+    });
+  } else {
+    run_passes(units, d.batch * d.groups, Cg, stats_unit, finish_group, apply_unit);
+  }
 
   if (weight.has_value() || bias.has_value()) {
     auto* gw = weight.has_value() ? grad_weight.mutable_data_ptr<acc>() : nullptr;
