@@ -32,7 +32,6 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
-#include <memory>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -276,8 +275,9 @@ void backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
   const int64_t group_elements = Cg * S;
   const bool scratch = !kKeepsDz<T> && by_group(d.batch * d.groups) && group_elements <= kScratchElements;
   std::vector<double> sums(units.count() * 3);
-  // The task's buffer; each thread runs its own task (the lambdas below read the pointer that
-  // start_task set on this thread).
+  // The buffer of the thread's task (set by the task's start below, read by the lambdas on the
+  // same thread); kept by the thread between calls, at most kScratchElements floats.
+  thread_local std::vector<acc> dz_buffer;
   thread_local acc* task_dz = nullptr;
   auto stats_unit = [&](int64_t u, int64_t bc, int64_t offset, int64_t len) {
     const int64_t c = bc % d.channels;
@@ -344,11 +344,9 @@ void backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
     }
   };
   if (scratch) {
-    std::vector<std::unique_ptr<acc[]>> buffers(at::get_num_threads());
     run_passes(units, d.batch * d.groups, Cg, stats_unit, finish_group, apply_unit, [&] {
-      auto& buffer = buffers[at::get_thread_num()];
-      if (!buffer) buffer.reset(new acc[group_elements]);
-      task_dz = buffer.get();
+      if (dz_buffer.size() < static_cast<size_t>(group_elements)) dz_buffer.resize(group_elements);
+      task_dz = dz_buffer.data();
     });
   } else {
     run_passes(units, d.batch * d.groups, Cg, stats_unit, finish_group, apply_unit);
