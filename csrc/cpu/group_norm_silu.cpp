@@ -3,8 +3,11 @@
 //
 // Layout: x is (B, C, S) contiguous, so channel (b, c) is one run of S elements and a group
 // is Cg = C / G consecutive channels. Every pass splits each channel into chunks of at most
-// kChunk elements and runs the (channel, chunk) units in parallel, so a batch of one 256^3
-// volume with 8 groups still spreads over every thread. Indices are int64 throughout.
+// kChunk elements, the (channel, chunk) units. When the (batch, group) pairs share out evenly
+// over the threads, each thread runs whole groups, both passes one group after the other
+// (the second pass then reads a group still in cache); otherwise each pass runs the units in
+// parallel, so a batch of one 256^3 volume with 8 groups still spreads over every thread
+// (run_passes). Both give the same bits. Indices are int64 throughout.
 //
 // Forward: pass 1 computes per-chunk sums of (a - shift) and (a - shift)^2, where a is x or
 // the rounded average (written here) and shift is the channel's first value, so that a large
@@ -43,6 +46,9 @@ namespace {
 constexpr int64_t kChunk = 32768;  // elements of one channel per parallel unit
 constexpr int64_t kTile = 1024;    // elements summed in the arithmetic type before a double add
 constexpr int64_t kGrain = 32768;  // elements per task at least: amortises the fork
+// Largest group whose dz the half-precision backward keeps in a float buffer per thread
+// (1 MiB: one group of the paper's levels, 4 channels of 16^3 to 1 of 64^3, in L2).
+constexpr int64_t kScratchElements = 262144;
 
 using cpu::Elem;  // storage <-> arithmetic conversion of each dtype
 
@@ -75,6 +81,51 @@ struct Units {
     }
   }
 };
+
+// Runs pass 1 (stats(unit, ...) over every unit), finish(group) for every (batch, group), then
+// pass 2 (apply(unit, ...) over every unit); finish(g) reads only the pass-1 results of g's
+// units, and apply only finish's results for its own group. Two schedules, the same
+// arithmetic (so the same bits):
+//  - by group: one task per (batch, group) runs its units' pass 1, its finish and its pass 2,
+//    so pass 2 reads the group while it is still in cache and there is one fork per call; used
+//    when the groups share out evenly over the threads (29 groups on 1 or 2 threads, say);
+//  - by unit: pass 1 over all units in parallel, every finish, pass 2 in parallel; the
+//    chunks split each channel, so few large groups (a batch of one with 8 groups on 16
+//    threads) still use every thread.
+// Whether run_passes goes by group: when the busiest thread has at most ~15% more than an
+// even share of the groups.
+bool by_group(int64_t groups) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t rounds = (groups + threads - 1) / threads;  // groups per thread, at most
+  return threads <= 1 || (groups > 0 && groups * 100 >= rounds * threads * 85);
+}
+
+// start(), when given, runs once per task of the by-group schedule before its first group.
+template <typename Stats, typename Finish, typename Apply, typename Start = std::nullptr_t>
+void run_passes(const Units& units, int64_t groups, int64_t per_group, Stats&& stats, Finish&& finish,
+                Apply&& apply, Start&& start = nullptr) {
+  const int64_t group_units = per_group * units.per_channel;
+  const int64_t group_elements = per_group * units.spatial;
+  if (by_group(groups)) {
+    const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, group_elements));
+    at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
+      if constexpr (!std::is_same_v<std::decay_t<Start>, std::nullptr_t>) start();
+      for (int64_t g = begin; g < end; ++g) {
+        units.for_each(g * group_units, (g + 1) * group_units, stats);
+        finish(g);
+        units.for_each(g * group_units, (g + 1) * group_units, apply);
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, units.count(), units.grain(), [&](int64_t begin, int64_t end) {
+    units.for_each(begin, end, stats);
+  });
+  for (int64_t g = 0; g < groups; ++g) finish(g);
+  at::parallel_for(0, units.count(), units.grain(), [&](int64_t begin, int64_t end) {
+    units.for_each(begin, end, apply);
+  });
+}
 
 template <typename T>
 auto storage_ptr(const at::Tensor& t) {
@@ -115,7 +166,8 @@ void forward_impl(const at::Tensor& x, const std::optional<at::Tensor>& skip,
   auto* mean_p = mean.mutable_data_ptr<acc>();
   auto* rstd_p = rstd.mutable_data_ptr<acc>();
 
-  // Pass 1: per-chunk shifted sums (and the average).
+  // Pass 1 sums per (channel, chunk) unit; then each group's statistics and its channels'
+  // constants (finish_group); pass 2 applies them.
   const Units units(bc_count, S);
   std::vector<acc> shift(bc_count, acc(0));
   for (int64_t bc = 0; bc < bc_count && S > 0; ++bc) {
@@ -123,28 +175,28 @@ void forward_impl(const at::Tensor& x, const std::optional<at::Tensor>& skip,
     shift[bc] = sp ? E::load(E::store((E::load(xp[i]) + E::load(sp[i])) * acc(0.5))) : E::load(xp[i]);
   }
   std::vector<double> sums(units.count() * 2);
-  at::parallel_for(0, units.count(), units.grain(), [&](int64_t begin, int64_t end) {
-    units.for_each(begin, end, [&](int64_t u, int64_t bc, int64_t offset, int64_t len) {
-      PATCHDDM_DISPATCH_ISA(choice, isa::stats_span<T>(xp + offset, sp ? sp + offset : nullptr,
-                                                       ap ? ap + offset : nullptr, len, shift[bc], &sums[u * 2]));
-    });
-  });
+  auto stats_unit = [&](int64_t u, int64_t bc, int64_t offset, int64_t len) {
+    PATCHDDM_DISPATCH_ISA(choice, isa::stats_span<T>(xp + offset, sp ? sp + offset : nullptr,
+                                                     ap ? ap + offset : nullptr, len, shift[bc], &sums[u * 2]));
+  };
 
   // Channel moments, combined per group (Chan et al.): M2 = sum M2_c + S sum (mean_c - mean)^2.
+  // Then y = silu(a * A + B) with A = rstd w, B = (add - mean) A + bias, from the stored stats.
   const double n_group = static_cast<double>(Cg * S);
   std::vector<double> ch_mean(bc_count), ch_m2(bc_count);
-  for (int64_t bc = 0; bc < bc_count; ++bc) {
-    double s = 0, q = 0;
-    for (int64_t k = 0; k < units.per_channel; ++k) {
-      s += sums[(bc * units.per_channel + k) * 2];
-      q += sums[(bc * units.per_channel + k) * 2 + 1];
-    }
-    const double m = S > 0 ? s / S : 0.0;
-    ch_mean[bc] = static_cast<double>(shift[bc]) + m + add_v[bc];
-    ch_m2[bc] = std::max(0.0, q - s * m);
-  }
-  for (int64_t bg = 0; bg < d.batch * d.groups; ++bg) {
+  std::vector<acc> scale(bc_count), offset_v(bc_count);
+  auto finish_group = [&](int64_t bg) {
     const int64_t c0 = bg * Cg;  // first (b, c) index of the group
+    for (int64_t bc = c0; bc < c0 + Cg; ++bc) {
+      double s = 0, q = 0;
+      for (int64_t k = 0; k < units.per_channel; ++k) {
+        s += sums[(bc * units.per_channel + k) * 2];
+        q += sums[(bc * units.per_channel + k) * 2 + 1];
+      }
+      const double m = S > 0 ? s / S : 0.0;
+      ch_mean[bc] = static_cast<double>(shift[bc]) + m + add_v[bc];
+      ch_m2[bc] = std::max(0.0, q - s * m);
+    }
     double m = 0;
     for (int64_t c = 0; c < Cg; ++c) m += ch_mean[c0 + c];
     m /= Cg;
@@ -156,22 +208,18 @@ void forward_impl(const at::Tensor& x, const std::optional<at::Tensor>& skip,
     const double var = n_group > 0 ? m2 / n_group : 0.0;
     mean_p[bg] = static_cast<acc>(m);
     rstd_p[bg] = static_cast<acc>(1.0 / std::sqrt(var + eps));
-  }
-
-  // Pass 2: y = silu(a * A + B) with A = rstd w, B = (add - mean) A + bias, from the stored stats.
-  std::vector<acc> scale(bc_count), offset_v(bc_count);
-  for (int64_t bc = 0; bc < bc_count; ++bc) {
-    const int64_t c = bc % d.channels, bg = bc / Cg;
-    const double A = static_cast<double>(rstd_p[bg]) * w[c];
-    scale[bc] = static_cast<acc>(A);
-    offset_v[bc] = static_cast<acc>((add_v[bc] - static_cast<double>(mean_p[bg])) * A + b[c]);
-  }
+    for (int64_t bc = c0; bc < c0 + Cg; ++bc) {
+      const int64_t c = bc % d.channels;
+      const double A = static_cast<double>(rstd_p[bg]) * w[c];
+      scale[bc] = static_cast<acc>(A);
+      offset_v[bc] = static_cast<acc>((add_v[bc] - static_cast<double>(mean_p[bg])) * A + b[c]);
+    }
+  };
   auto* yp = mutable_storage_ptr<T>(y);
-  at::parallel_for(0, units.count(), units.grain(), [&](int64_t begin, int64_t end) {
-    units.for_each(begin, end, [&](int64_t, int64_t bc, int64_t offset, int64_t len) {
-      PATCHDDM_DISPATCH_ISA(choice, isa::apply_span<T>(a_read + offset, yp + offset, len, scale[bc], offset_v[bc]));
-    });
-  });
+  auto apply_unit = [&](int64_t, int64_t bc, int64_t offset, int64_t len) {
+    PATCHDDM_DISPATCH_ISA(choice, isa::apply_span<T>(a_read + offset, yp + offset, len, scale[bc], offset_v[bc]));
+  };
+  run_passes(units, d.batch * d.groups, Cg, stats_unit, finish_group, apply_unit);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_forward_cpu(
@@ -218,36 +266,46 @@ void backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
     q[bc] = static_cast<acc>((add_v[bc] - static_cast<double>(mean_p[bg])) * static_cast<double>(rstd_p[bg]));
   }
 
-  // Pass 1: per-chunk sums of dz, dz * xhat and xhat; dz kept in grad_input where it fits.
+  // Pass 1: per-unit sums of dz, dz * xhat and xhat; dz kept in grad_input where it fits, or
+  // else, going by group, in a float buffer of one group per task (from cache in pass 2,
+  // instead of computing the sigmoid again).
   auto* gip = mutable_storage_ptr<T>(grad_input);
   acc* kept = kKeepsDz<T> ? reinterpret_cast<acc*>(gip) : nullptr;
   const Units units(bc_count, S);
+  const int64_t group_elements = Cg * S;
+  const bool scratch = !kKeepsDz<T> && by_group(d.batch * d.groups) && group_elements <= kScratchElements;
   std::vector<double> sums(units.count() * 3);
-  at::parallel_for(0, units.count(), units.grain(), [&](int64_t begin, int64_t end) {
-    units.for_each(begin, end, [&](int64_t u, int64_t bc, int64_t offset, int64_t len) {
-      const int64_t c = bc % d.channels;
+  // The buffer of the thread's task (set by the task's start below, read by the lambdas on the
+  // same thread); kept by the thread between calls, at most kScratchElements floats.
+  thread_local std::vector<acc> dz_buffer;
+  thread_local acc* task_dz = nullptr;
+  auto stats_unit = [&](int64_t u, int64_t bc, int64_t offset, int64_t len) {
+    const int64_t c = bc % d.channels;
+    if (scratch) {
+      PATCHDDM_DISPATCH_ISA(choice, isa::grad_stats_span<T, true>(
+                                        dyp + offset, ap + offset, task_dz + offset % group_elements, len,
+                                        rstd_p[bc / Cg], q[bc], w[c], b[c], &sums[u * 3]));
+    } else {
       PATCHDDM_DISPATCH_ISA(choice, isa::grad_stats_span<T, kKeepsDz<T>>(
                                         dyp + offset, ap + offset, kKeepsDz<T> ? kept + offset : nullptr, len,
                                         rstd_p[bc / Cg], q[bc], w[c], b[c], &sums[u * 3]));
-    });
-  });
-  std::vector<double> s_dz(bc_count, 0.0), s_dzx(bc_count, 0.0), s_x(bc_count, 0.0);
-  for (int64_t bc = 0; bc < bc_count; ++bc) {
-    for (int64_t k = 0; k < units.per_channel; ++k) {
-      const double* s = &sums[(bc * units.per_channel + k) * 3];
-      s_dz[bc] += s[0];
-      s_dzx[bc] += s[1];
-      s_x[bc] += s[2];
     }
-  }
+  };
 
   // du = rstd (w dz - m1 - xhat m2), m1 = mean over the group of w dz, m2 of w dz xhat.
+  std::vector<double> s_dz(bc_count, 0.0), s_dzx(bc_count, 0.0), s_x(bc_count, 0.0);
   const double n_group = static_cast<double>(Cg * S);
   std::vector<acc> c1(bc_count), c2(bc_count), c3(bc_count);
   auto* gadd = add.has_value() ? grad_add.mutable_data_ptr<acc>() : nullptr;
-  for (int64_t bg = 0; bg < d.batch * d.groups; ++bg) {
+  auto finish_group = [&](int64_t bg) {
     double m1 = 0, m2 = 0;
     for (int64_t bc = bg * Cg; bc < (bg + 1) * Cg; ++bc) {
+      for (int64_t k = 0; k < units.per_channel; ++k) {
+        const double* s = &sums[(bc * units.per_channel + k) * 3];
+        s_dz[bc] += s[0];
+        s_dzx[bc] += s[1];
+        s_x[bc] += s[2];
+      }
       const int64_t c = bc % d.channels;
       m1 += static_cast<double>(w[c]) * s_dz[bc];
       m2 += static_cast<double>(w[c]) * s_dzx[bc];
@@ -262,7 +320,38 @@ void backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
       c3[bc] = static_cast<acc>(k3);
       if (gadd != nullptr) gadd[bc] = static_cast<acc>(k1 * s_dz[bc] + k2 * s_x[bc] + k3 * S);
     }
+  };
+
+  // Pass 2: grad_input.
+  const acc scale_in = static_cast<acc>(input_scale);
+  auto apply_unit = [&](int64_t, int64_t bc, int64_t offset, int64_t len) {
+    const int64_t c = bc % d.channels;
+    if constexpr (kKeepsDz<T>) {
+      PATCHDDM_DISPATCH_ISA(choice, isa::grad_apply_kept_span<T>(ap + offset, gap ? gap + offset : nullptr,
+                                                                 kept + offset, len, rstd_p[bc / Cg], q[bc],
+                                                                 c1[bc], c2[bc], c3[bc], scale_in));
+    } else {
+      if (scratch) {
+        PATCHDDM_DISPATCH_ISA(choice, isa::grad_apply_dz_span<T>(ap + offset, gap ? gap + offset : nullptr,
+                                                                 task_dz + offset % group_elements, gip + offset,
+                                                                 len, rstd_p[bc / Cg], q[bc], c1[bc], c2[bc],
+                                                                 c3[bc], scale_in));
+      } else {
+        PATCHDDM_DISPATCH_ISA(choice, isa::grad_apply_span<T>(dyp + offset, ap + offset, gap ? gap + offset : nullptr,
+                                                              gip + offset, len, rstd_p[bc / Cg], q[bc], w[c], b[c],
+                                                              c1[bc], c2[bc], c3[bc], scale_in));
+      }
+    }
+  };
+  if (scratch) {
+    run_passes(units, d.batch * d.groups, Cg, stats_unit, finish_group, apply_unit, [&] {
+      if (dz_buffer.size() < static_cast<size_t>(group_elements)) dz_buffer.resize(group_elements);
+      task_dz = dz_buffer.data();
+    });
+  } else {
+    run_passes(units, d.batch * d.groups, Cg, stats_unit, finish_group, apply_unit);
   }
+
   if (weight.has_value() || bias.has_value()) {
     auto* gw = weight.has_value() ? grad_weight.mutable_data_ptr<acc>() : nullptr;
     auto* gb = bias.has_value() ? grad_bias.mutable_data_ptr<acc>() : nullptr;
@@ -276,23 +365,6 @@ void backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
       if (gb != nullptr) gb[c] = static_cast<acc>(sb);
     }
   }
-
-  // Pass 2: grad_input.
-  const acc scale_in = static_cast<acc>(input_scale);
-  at::parallel_for(0, units.count(), units.grain(), [&](int64_t begin, int64_t end) {
-    units.for_each(begin, end, [&](int64_t, int64_t bc, int64_t offset, int64_t len) {
-      const int64_t c = bc % d.channels;
-      if constexpr (kKeepsDz<T>) {
-        PATCHDDM_DISPATCH_ISA(choice, isa::grad_apply_kept_span<T>(ap + offset, gap ? gap + offset : nullptr,
-                                                                   kept + offset, len, rstd_p[bc / Cg], q[bc],
-                                                                   c1[bc], c2[bc], c3[bc], scale_in));
-      } else {
-        PATCHDDM_DISPATCH_ISA(choice, isa::grad_apply_span<T>(dyp + offset, ap + offset, gap ? gap + offset : nullptr,
-                                                              gip + offset, len, rstd_p[bc / Cg], q[bc], w[c], b[c],
-                                                              c1[bc], c2[bc], c3[bc], scale_in));
-      }
-    });
-  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward_cpu(

@@ -174,3 +174,29 @@ void grad_apply_span(const typename Elem<T>::storage* __restrict dy,
     }
   }
 }
+
+// grad_input = scale_in * (c1 * dz + c2 * xhat + c3 + grad_average), dz read from a float
+// buffer (half-precision types, whose grad_input cannot hold it).
+template <typename T>
+void grad_apply_dz_span(const typename Elem<T>::storage* __restrict a,
+                        const typename Elem<T>::storage* __restrict grad_avg,
+                        const typename Elem<T>::acc* __restrict dz,
+                        typename Elem<T>::storage* __restrict grad_in, int64_t n,
+                        typename Elem<T>::acc rstd, typename Elem<T>::acc q, typename Elem<T>::acc c1,
+                        typename Elem<T>::acc c2, typename Elem<T>::acc c3, typename Elem<T>::acc scale_in) {
+  using E = Elem<T>;
+  using acc = typename E::acc;
+  if (grad_avg != nullptr) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const acc xhat = E::load(a[i]) * rstd + q;
+      grad_in[i] = E::store(scale_in * (c1 * dz[i] + c2 * xhat + c3 + E::load(grad_avg[i])));
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const acc xhat = E::load(a[i]) * rstd + q;
+      grad_in[i] = E::store(scale_in * (c1 * dz[i] + c2 * xhat + c3));
+    }
+  }
+}

@@ -187,8 +187,44 @@ def _nearest_x2(x, add=None, skip=None, *, exact_dtype: bool):
     return None, F.interpolate(x, scale_factor=2, mode="nearest")
 
 
+# Nearest x2 then a 3-tap convolution, per output parity a along one axis: output 2i + a reads
+# the upsampled positions 2i + a - 1 .. 2i + a + 1, i.e. x[i - 1], x[i], x[i] (a = 0) or x[i],
+# x[i], x[i + 1] (a = 1): two taps of x, whose weights are sums of the three. Row a of
+# _PARITY_TAPS maps the 3 weights to those 2 taps.
+_PARITY_TAPS = ((( 1.0, 0.0, 0.0), (0.0, 1.0, 1.0)),
+                (( 1.0, 1.0, 0.0), (0.0, 0.0, 1.0)))
+
+
+def upsample_conv_by_parity(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
+    """conv(nearest_x2(x)) for a 3x3x3 convolution with padding 1 and stride 1, without the 8x
+    upsampled tensor: each of the 8 output parities is a 2x2x2 convolution of x (zero-padded by
+    one) with weights summed from the 3x3x3 ones, written into its strided slice of the output.
+    Holds the output and one parity's result (1/8 of it) instead of the upsampled input and the
+    output, and does 64 instead of 216 multiply-adds per input voxel and output channel. Equal
+    to the plain pair up to the rounding of the summed weights and the regrouped sums."""
+    weight, bias = conv.weight, conv.bias
+    taps = [torch.tensor(t, dtype=weight.dtype, device=weight.device) for t in _PARITY_TAPS]
+    xp = F.pad(x, (1, 1, 1, 1, 1, 1))
+    n, _, d, h, w = x.shape
+    out = None
+    for a in (0, 1):
+        for b in (0, 1):
+            for c in (0, 1):
+                k = torch.einsum("pi,qj,rk,ocijk->ocpqr", taps[a], taps[b], taps[c], weight)
+                part = F.conv3d(xp[:, :, a:a + d + 1, b:b + h + 1, c:c + w + 1], k, bias)
+                if out is None:
+                    memory_format = (torch.channels_last_3d if part.is_contiguous(memory_format=torch.channels_last_3d)
+                                     and not part.is_contiguous() else torch.contiguous_format)
+                    out = torch.empty((n, part.shape[1], 2 * d, 2 * h, 2 * w), dtype=part.dtype,
+                                      device=part.device, memory_format=memory_format)
+                out[:, :, a::2, b::2, c::2] = part
+                del part
+    return out
+
+
 class Upsample(nn.Module):
-    """Nearest-neighbour x2, then Conv3d 3x3x3."""
+    """Nearest-neighbour x2, then Conv3d 3x3x3. Without gradients, the fused network computes
+    the pair by output parity (upsample_conv_by_parity), never holding the upsampled tensor."""
 
     def __init__(self, channels: int, fused: bool = True, checkpoint: str = "off"):
         super().__init__()
@@ -196,6 +232,8 @@ class Upsample(nn.Module):
         self.conv = _conv3(channels, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and not torch.is_grad_enabled():
+            return upsample_conv_by_parity(x, self.conv)
         pre = partial(_nearest_x2, exact_dtype=self.fused)
         if self.checkpoint == "cheap" and torch.is_grad_enabled():
             return recomputed_pre_conv(pre, self.conv, x)[0]

@@ -197,7 +197,8 @@ def fake_backward(grad_out, grad_average, input, add, weight, bias, mean, rstd, 
 
 
 def register_autograd(forward_qualname: str, backward_op) -> None:
-    """Autograd of a group_norm_silu_forward op, whose gradients come from backward_op."""
+    """Autograd of a group_norm_silu_forward op, whose gradients come from backward_op (the
+    Triton op's; csrc/cpu/group_norm_silu_autograd.cpp does the same for the compiled op)."""
 
     def setup_context(ctx, inputs, output):
         x, skip, add, weight, bias, groups, eps = inputs
@@ -232,4 +233,5 @@ def register_autograd(forward_qualname: str, backward_op) -> None:
 if EXTENSION.loaded:
     torch.library.register_fake("patchddm::group_norm_silu_forward")(fake_forward)
     torch.library.register_fake("patchddm::group_norm_silu_backward")(fake_backward)
-    register_autograd("patchddm::group_norm_silu_forward", torch.ops.patchddm.group_norm_silu_backward)
+    # The compiled op's autograd is registered in C++ (csrc/cpu/group_norm_silu_autograd.cpp:
+    # the same as register_autograd, without the Python wrapper's cost on every call).

@@ -1,6 +1,7 @@
 """The trainer's settings: one dataclass, checked on construction, and its command-line flags.
 
-Fields left at None take the preset's default (PRESET_DEFAULTS) when the run starts, so a
+Fields left at None take the preset's default (PRESET_DEFAULTS) when the run starts, and
+precision and channels_last left at None the device's fastest settings (fast_settings), so a
 checkpoint records the values actually used.
 """
 
@@ -48,14 +49,17 @@ class TrainConfig:
     lr: AdamW learning rate (None: 1e-5 paper, 1e-3 small); lr_schedule "constant" or
         "cosine" (decay to lr_min_ratio * lr at `steps`); warmup_steps: linear warmup from 0.
     weight_decay: AdamW's decoupled weight decay.
-    precision: "fp32", "bf16" (autocast) or "fp16" (autocast and a gradient scaler).
+    precision: "fp32", "bf16" (autocast) or "fp16" (autocast and a gradient scaler); None
+        ("auto"): bf16 where the device computes bfloat16 natively, else fp32
+        (patchddm_fast.fast_settings, resolved when the run starts and recorded so).
     prediction_type: what the network learns to predict from x_t: "sample" (x0, the mask
         itself; the default, see docs/STUDY.md for why), "epsilon" (the noise, as the
         original PatchDDM) or "v_prediction". Recorded in the checkpoint for the samplers.
     checkpoint: activation checkpointing of the network, "off", "cheap" or "blocks"
         (patchddm_fast.nn.UNet3D; None: "cheap" paper, "off" small).
     channels_last: run the convolutions in the channels_last_3d memory format (faster on some
-        CPUs and GPUs, notably with bf16; the weights are the same).
+        CPUs and GPUs, notably with bf16; the weights are the same); None ("auto"): where
+        fast_settings measured that it pays for the device.
     ema: decay of an exponential moving average of the weights (None: no EMA); the decay
         warms up as min(ema, (1 + n) / (10 + n)) after n updates, so short runs benefit too.
     grad_clip: maximum global gradient norm (None or 0: no clipping).
@@ -85,10 +89,10 @@ class TrainConfig:
     lr_min_ratio: float = 0.0
     warmup_steps: int = 0
     weight_decay: float = 0.0
-    precision: str = "fp32"
+    precision: str | None = None
     prediction_type: str = "sample"
     checkpoint: str | None = None
-    channels_last: bool = False
+    channels_last: bool | None = None
     ema: float | None = 0.999
     grad_clip: float | None = 1.0
     save_every: int = 500
@@ -127,6 +131,20 @@ class TrainConfig:
     @property
     def memory_option(self) -> str:
         return self.checkpoint if self.checkpoint is not None else PRESET_DEFAULTS[self.preset]["checkpoint"]
+
+    def execution(self, device) -> tuple["TrainConfig", str]:
+        """(this config with precision and channels_last resolved for `device`, one line saying
+        what was chosen and why). Values given explicitly are kept; None takes fast_settings."""
+        from ..fast_settings import fast_settings
+
+        fast = fast_settings(device)
+        precision = self.precision if self.precision is not None else fast.precision
+        channels_last = self.channels_last if self.channels_last is not None else fast.channels_last
+        auto = [name for name in ("precision", "channels_last") if getattr(self, name) is None]
+        origin = f"auto for {fast.reason}: {', '.join(auto)}" if auto else "as given"
+        line = (f"execution: {precision}, {'channels_last_3d' if channels_last else 'contiguous'} "
+                f"({origin})")
+        return self.replace(precision=precision, channels_last=channels_last), line
 
     def lr_at(self, step: int) -> float:
         """The learning rate of optimizer step `step` (0-based)."""
@@ -218,19 +236,21 @@ def _problems(c: TrainConfig):
         yield f"lr_min_ratio must lie in [0, 1], got {c.lr_min_ratio!r}"
     if not (_is_number(c.weight_decay) and c.weight_decay >= 0):
         yield f"weight_decay must be a non-negative number, got {c.weight_decay!r}"
-    try:
-        parse_precision(c.precision)
-    except ValueError as exc:
-        yield str(exc)
+    if c.precision is not None:
+        try:
+            parse_precision(c.precision)
+        except ValueError as exc:
+            yield str(exc)
     if c.checkpoint is not None and c.checkpoint not in CHECKPOINT_MODES:
         yield f"checkpoint (activation checkpointing) must be one of {CHECKPOINT_MODES}, got {c.checkpoint!r}"
     if c.ema is not None and not (_is_number(c.ema) and 0 < c.ema < 1):
         yield f"ema must be a decay in (0, 1) or None (no EMA), got {c.ema!r}"
     if c.grad_clip is not None and not (_is_number(c.grad_clip) and c.grad_clip >= 0):
         yield f"grad_clip must be a non-negative number or None, got {c.grad_clip!r}"
-    for name in ("resume", "channels_last"):
-        if not isinstance(getattr(c, name), bool):
-            yield f"{name} must be True or False, got {getattr(c, name)!r}"
+    if not isinstance(c.resume, bool):
+        yield f"resume must be True or False, got {c.resume!r}"
+    if c.channels_last is not None and not isinstance(c.channels_last, bool):
+        yield f"channels_last must be True, False or None (auto), got {c.channels_last!r}"
     if not _valid_device(c.device):
         yield f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {c.device!r}"
     if not (c.cache_bytes == "auto" or (_is_int(c.cache_bytes) and c.cache_bytes >= 0)):
@@ -256,6 +276,11 @@ def _optional_float(text: str) -> float | None:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or 'off', got {text!r}") from None
+
+
+def _auto_or_precision(text: str) -> str | None:
+    """--precision: a precision name, or "auto" (None: resolved for the device at the start)."""
+    return None if text.strip().lower() == "auto" else precision_argument(text)
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -294,17 +319,19 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                        help="linear learning-rate warmup over this many steps (default: %(default)s)")
     optim.add_argument("--weight-decay", type=float, default=d["weight_decay"].default,
                        help="AdamW weight decay (default: %(default)s)")
-    optim.add_argument("--precision", type=precision_argument, metavar="{" + ",".join(SHORT_NAMES) + "}",
+    optim.add_argument("--precision", type=_auto_or_precision, metavar="{" + ",".join(SHORT_NAMES + ("auto",)) + "}",
                        default=d["precision"].default,
-                       help="fp32, bf16 autocast, or fp16 autocast with loss scaling (default: %(default)s)")
+                       help="fp32, bf16 autocast, or fp16 autocast with loss scaling (default: auto, bf16 "
+                            "where the device computes bfloat16 natively, else fp32)")
     optim.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=d["prediction_type"].default,
                        help="what the network predicts: sample (x0, default), epsilon (the noise, as the "
                             "original PatchDDM) or v_prediction")
     optim.add_argument("--checkpoint", choices=CHECKPOINT_MODES, default=None,
                        help="activation checkpointing to save memory: off, cheap (recompute norms) or "
                             "blocks (recompute whole blocks) (default: cheap paper, off small)")
-    optim.add_argument("--channels-last", action="store_true",
-                       help="channels_last_3d memory format for the convolutions (often faster with bf16)")
+    optim.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                       help="channels_last_3d memory format for the convolutions, or not (default: auto, "
+                            "where it was measured to pay on the device)")
     optim.add_argument("--ema", type=_optional_float, default=d["ema"].default,
                        help="decay of the exponential moving average of the weights, or 'off' "
                             "(default: %(default)s)")

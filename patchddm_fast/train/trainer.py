@@ -81,8 +81,12 @@ class _Run:
 
     def __init__(self, config: TrainConfig, distributed: Distributed, stop: StopRequest, progress: bool,
                  callback):
-        self.config, self.dist, self.stop, self.callback = config, distributed, stop, callback
+        self.dist, self.stop, self.callback = distributed, stop, callback
         self.device = distributed.device
+        # precision and channels_last left to "auto" take the device's fastest settings here,
+        # so that the checkpoint records what ran.
+        config, execution = config.execution(self.device)
+        self.config = config
         self.out_dir = Path(config.out_dir)
         self.started = time.perf_counter()
         self.step = self.samples_done = 0
@@ -132,6 +136,7 @@ class _Run:
                                config.data_dir)
         self.log = RunLog(self.out_dir, active=distributed.is_main, total_steps=config.steps, first_step=self.step,
                           progress=progress, time_offset=self.elapsed_before)
+        self.log.message(execution, important=True)
         if resumed is not None:
             self.log.message(f"resumed from {self.out_dir / LAST} at step {self.step}")
         self._record_split()

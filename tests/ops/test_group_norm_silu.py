@@ -183,6 +183,31 @@ def test_gradients_over_several_chunks(device, backend):
         assert_close(a, e, scale=10.0)  # float32 sums over 37200 elements, in another order
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,groups", [((1, 6, 40, 30, 31), 3), ((1, 3, 5, 6, 7), 3)])
+def test_cpu_schedules_give_the_same_bits(dtype, shape, groups):
+    # The CPU kernels run whole groups per thread when the (batch, group) pairs share out
+    # evenly over the threads (1 thread here), else each pass over (channel, chunk) units (3
+    # groups on 2 threads); both sum the same units in the same order, so the results are
+    # equal bit for bit. The first shape has channels of several chunks.
+    if "cpu" not in [p.values[0] for p in KERNEL_BACKENDS if p.values[1] == "cpp"]:
+        pytest.skip("needs the compiled CPU kernels")
+    inputs = make_inputs(shape, ("add", "skip", "weight", "bias"), dtype, "cpu", requires_grad=True)
+    leaves = [t for t in inputs.values() if t is not None]
+    grad_out = torch.randn(shape).to(dtype)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            average, y = run(inputs, groups, "cpp")
+            results.append([average, y, *torch.autograd.grad((y.float() * grad_out.float()).sum(), leaves)])
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+
+
 @pytest.mark.parametrize("device,backend", KERNEL_BACKENDS)
 def test_empty_input(device, backend):
     x = torch.randn(2, 4, 0, 3, device=device)

@@ -115,3 +115,47 @@ def test_runs_recorded_before_the_prediction_type_setting_predicted_the_noise(tm
     assert TrainConfig(tmp_path, tmp_path / "out").prediction_type == "sample"
     with pytest.raises(ValueError, match="prediction_type must be one of"):
         TrainConfig(tmp_path, tmp_path / "out", prediction_type="x0")
+
+
+# -- precision and channels_last: "auto" (None) resolves from fast_settings -----------------------
+
+def test_auto_execution_takes_the_device_settings(monkeypatch):
+    from patchddm_fast import fast_settings as fs
+
+    for native in (True, False):
+        monkeypatch.setattr(fs, "cpu_flags", lambda native=native: frozenset({"avx512_bf16"} if native else ()))
+        c = config()
+        assert (c.precision, c.channels_last) == (None, None)  # the defaults are "auto"
+        resolved, line = c.execution("cpu")
+        expected = fs.fast_settings("cpu")
+        assert (resolved.precision, resolved.channels_last) == (expected.precision, expected.channels_last)
+        assert resolved.precision == ("bf16" if native else "fp32")
+        assert line.startswith(f"execution: {resolved.precision}, ") and "auto" in line
+        assert "\n" not in line
+
+
+def test_explicit_execution_settings_are_kept(monkeypatch):
+    from patchddm_fast import fast_settings as fs
+
+    monkeypatch.setattr(fs, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    resolved, line = config(precision="fp32", channels_last=False).execution("cpu")
+    assert (resolved.precision, resolved.channels_last) == ("fp32", False) and "as given" in line
+    half, _ = config(precision="fp16").execution("cpu")  # one given, the other auto
+    assert (half.precision, half.channels_last) == ("fp16", fs.fast_settings("cpu").channels_last)
+
+
+def test_old_checkpoints_keep_their_recorded_settings():
+    # A train_config written before "auto" existed records explicit values; they stay.
+    old = config(precision="fp32", channels_last=False).to_dict()
+    again = TrainConfig.from_dict(old)
+    assert (again.precision, again.channels_last) == ("fp32", False)
+    assert TrainConfig.from_dict(dict(old, precision="bf16", channels_last=True)).channels_last is True
+
+
+def test_command_line_auto_and_explicit_execution():
+    assert (parse("DATA", "OUT").precision, parse("DATA", "OUT").channels_last) == (None, None)
+    assert parse("DATA", "OUT", "--precision", "auto").precision is None
+    assert parse("DATA", "OUT", "--channels-last").channels_last is True
+    assert parse("DATA", "OUT", "--no-channels-last").channels_last is False
+    with pytest.raises(ValueError, match="channels_last"):
+        config(channels_last="yes")

@@ -78,6 +78,26 @@ def test_reduced_precision(phantoms, tmp_path, precision):
         assert extra["scaler"]["scale"] > 0
 
 
+def test_auto_execution_is_resolved_recorded_and_said(phantoms, tmp_path, caplog):
+    # precision and channels_last left to "auto": the run takes fast_settings' choice for its
+    # device, records it resolved (what ran) and says so in one line. bf16 needs 24^3 patches
+    # on the CPU (see test_reduced_precision).
+    from patchddm_fast.fast_settings import fast_settings
+
+    out = tmp_path / "auto"
+    with caplog.at_level("INFO", logger="patchddm_fast"):
+        result = train(tiny_config(phantoms, out, steps=1, patch=24, precision=None, channels_last=None),
+                       progress=False)
+    assert result.steps == 1 and math.isfinite(result.last_loss)
+    expected = fast_settings("cpu")
+    _, extra = read_training_checkpoint(out / LAST)
+    assert extra["precision"] == expected.precision
+    recorded = extra["train_config"]
+    assert (recorded["precision"], recorded["channels_last"]) == (expected.precision, expected.channels_last)
+    said = [r.getMessage() for r in caplog.records if "execution:" in r.getMessage()]
+    assert len(said) == 1 and expected.precision in said[0]
+
+
 def test_existing_run_is_never_overwritten(phantoms, tmp_path):
     out = tmp_path / "run"
     train(tiny_config(phantoms, out, steps=1), progress=False)

@@ -10,6 +10,9 @@ N_CASES = 5  # split 3 / 1 / 1
 
 def tiny_config(data_dir, out_dir, **changes) -> TrainConfig:
     values = dict(preset="small", patch=16, volume=24, steps=4, batch_size=2, lr=1e-3, num_workers=0,
-                  save_every=2, ema=0.9, grad_clip=1.0, seed=0, cache_bytes=2**26)
+                  save_every=2, ema=0.9, grad_clip=1.0, seed=0, cache_bytes=2**26,
+                  # fixed, so that the tests run the same on every machine (None would take the
+                  # device's fastest settings; tests/train/test_config.py checks that)
+                  precision="fp32", channels_last=False)
     values.update(changes)
     return TrainConfig(data_dir, out_dir, **values)
