@@ -6,9 +6,10 @@ faster in it.
   AVX512-BF16 instructions (Intel Sapphire Rapids and later, AMD Zen 4 and later). Elsewhere
   bfloat16 is emulated and slower than float32, so float32 stays.
 - channels_last_3d on CPUs: oneDNN's 3D convolutions are much faster in it for the narrow
-  layers of PatchDDM (measured 3.7x for a training step of the small preset at 32^3 on an AMD
-  EPYC, and faster for the paper preset on an Intel Xeon too; benchmarks/RESULTS.md). On GPUs
-  it pays with bfloat16 (tensor cores want channels last) and not in float32.
+  layers of PatchDDM (a training step of the small preset, batch 4 of 32^3, one thread, on an
+  AMD EPYC: 1.6x in float32, 2.0x with bfloat16 autocast; the paper preset was faster in it on
+  an Intel Xeon too, see issue 13's figures in benchmarks/RESULTS.md). On GPUs it pays with
+  bfloat16 (tensor cores want channels last) and not in float32.
 
 The trainer, the demo and `patchddm info` ask here; every choice can be overridden.
 """
