@@ -21,13 +21,24 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], *, mode: 
     """Calls write(file) on a hidden temporary file beside `path` (.NAME.partial), then renames it
     to `path`. A failure anywhere removes the temporary file and leaves `path` as it was.
     A folder at `path` is refused before anything is written (IsADirectoryError)."""
+
+    def save(partial: Path) -> None:
+        with open(partial, mode, **open_options) as f:
+            write(f)
+
+    return atomic_save(path, save)
+
+
+def atomic_save(path: str | os.PathLike, save: Callable[[Path], None], *, suffix: str = "") -> Path:
+    """atomic_write for writers that take a file name: save(partial) writes the hidden
+    temporary file .NAME.partial<suffix> (a suffix such as ".nii.gz" tells a library the
+    format), which is then renamed to `path`."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path}: is a folder; give the name of a file to write")
-    partial = path.with_name(f".{path.name}.partial")
+    partial = path.with_name(f".{path.name}.partial{suffix}")
     try:
-        with open(partial, mode, **open_options) as f:
-            write(f)
+        save(partial)
         os.replace(partial, path)
     except BaseException as error:
         try:

@@ -15,7 +15,6 @@ What is checked on input, before a voxel is used:
 
 from __future__ import annotations
 
-import errno
 import gzip
 import math
 import os
@@ -27,6 +26,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from .._files import atomic_save
 from .layout import LABEL, SEQUENCES, CaseError, CaseFiles
 
 BRATS_LABELS = (0, 1, 2, 4)  # background, necrotic/non-enhancing core, oedema, enhancing tumour
@@ -221,22 +221,4 @@ the final path for a full disk, a read-only folder ...)."""
     image.header["cal_min"], image.header["cal_max"] = 0, 0
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if path.name.lower().endswith(".gz") else ".nii"
-    partial = path.with_name(f".{path.name}.partial{suffix}")
-    try:
-        nib.save(image, os.fspath(partial))
-        os.replace(partial, path)
-    except BaseException as exc:
-        # Never leave the temporary file behind (a full disk, a read-only folder, Ctrl-C);
-        # a file already under the final name is untouched.
-        try:
-            partial.unlink(missing_ok=True)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            reason = exc.strerror or str(exc)
-            if exc.errno == errno.ENOSPC:
-                reason = "no space left on the device"
-            message = f"cannot write {path}: {reason}"
-            raise (OSError(exc.errno, message) if exc.errno is not None else OSError(message)) from exc
-        raise
-    return path
+    return atomic_save(path, lambda partial: nib.save(image, os.fspath(partial)), suffix=suffix)
