@@ -42,7 +42,7 @@ from .baseline import baseline_for, format_comparison
 from .data import DataError, find_cases, subset_cases, write_phantoms
 from .device import resolve_device
 from .evaluation import FolderScores, evaluate_folders, format_table, write_csv
-from .fast_settings import fast_settings, fastest_thread_count
+from .fast_settings import fastest_thread_count
 from .inference import SamplingSettings, Segmenter, case_seed, load_model, write_case_outputs
 from .train import TrainConfig, train
 
@@ -50,8 +50,8 @@ from .train import TrainConfig, train
 @dataclass(frozen=True)
 class DemoRecipe:
     """Phantoms: `cases` cases of size^3 voxels from phantom_seed (the split keeps 10% + 10%
-    out of training). Training: the TrainConfig fields from preset to seed; precision "auto"
-    and channels_last None take the device's fastest correct settings (fast_settings).
+    out of training). Training: the TrainConfig fields from preset to seed; precision and
+    channels_last None take the device's fastest correct settings (TrainConfig.execution).
     Sampling: DDIM with sample_steps steps and an ensemble of `ensemble` per held-out volume;
     tiled: the network sees overlapping windows of its training patch size rather than the
     whole volume at once (the diffusion still runs on the whole volume)."""
@@ -72,7 +72,7 @@ class DemoRecipe:
     ema: float | None = 0.99
     grad_clip: float | None = 1.0
     prediction_type: str = "sample"
-    precision: str = "auto"
+    precision: str | None = None
     channels_last: bool | None = None
     num_workers: int = 0
     seed: int = 0
@@ -82,12 +82,6 @@ class DemoRecipe:
 
     def replace(self, **changes) -> "DemoRecipe":
         return dataclasses.replace(self, **changes)
-
-    def resolved(self, device) -> "DemoRecipe":
-        """The recipe with "auto" precision and layout decided for `device`."""
-        fast = fast_settings(device)
-        return self.replace(precision=fast.precision if self.precision == "auto" else self.precision,
-                            channels_last=fast.channels_last if self.channels_last is None else self.channels_last)
 
 
 RECIPE = DemoRecipe()
@@ -102,8 +96,7 @@ def quick_recipe(recipe: DemoRecipe) -> DemoRecipe:
 
 
 def train_config(recipe: DemoRecipe, data_dir, out_dir, **overrides) -> TrainConfig:
-    """The recipe's TrainConfig (checkpoints every 100 steps, no periodic validation); the
-    recipe must be resolved (DemoRecipe.resolved) for its precision and layout."""
+    """The recipe's TrainConfig (checkpoints every 100 steps, no periodic validation)."""
     values = {k: v for k, v in dataclasses.asdict(recipe).items() if k not in _NOT_TRAINING}
     values.update(save_every=100, validate_every=0)
     values.update(overrides)
@@ -137,24 +130,23 @@ class DemoResult:
     baseline_threshold: float | None = None
 
 
-def _choose_threads(recipe: DemoRecipe, log) -> int:
-    """Sets the intra-op thread count that runs a training step of the recipe fastest here and
-    now (measured; one thread often wins on a shared machine). OMP_NUM_THREADS, when set, wins."""
+def _choose_threads(config: TrainConfig, log) -> int:
+    """Sets the intra-op thread count that runs a training step of `config` (with its precision
+    and layout resolved) fastest here and now (measured; one thread often wins on a shared
+    machine). OMP_NUM_THREADS, when set, wins."""
     if "OMP_NUM_THREADS" in os.environ or (os.cpu_count() or 1) == 1:
         return torch.get_num_threads()
-    from .nn import PRESETS, UNet3D
+    from .nn import UNet3D
     from .precision import autocast
 
-    network = PRESETS[recipe.preset]
-    if recipe.width is not None:
-        network = network.replace(model_channels=recipe.width, groups=recipe.width)
-    model = UNet3D(network, channels_last=recipe.channels_last)
-    x = torch.randn(1, network.in_channels, *(recipe.patch,) * 3)
+    network = config.network
+    model = UNet3D(network, channels_last=config.channels_last)
+    x = torch.randn(1, network.in_channels, *(config.patch_edge,) * 3)
     t = torch.tensor([500])
 
     def step():
         model.zero_grad(set_to_none=True)
-        with autocast(torch.device("cpu"), recipe.precision):
+        with autocast(torch.device("cpu"), config.precision):
             out = model(x, t)
         out.float().square().mean().backward()
 
@@ -176,7 +168,6 @@ def run_demo(out_dir: str | Path = "patchddm_demo", *, quick: bool = False, devi
     device = resolve_device(device)
     if recipe is None:
         recipe = quick_recipe(RECIPE) if quick else RECIPE
-    recipe = recipe.resolved(device)
     start, start_cpu = time.perf_counter(), cpu_seconds()
     stages, cpu_stages, lap = {}, {}, [start, start_cpu]
 
@@ -186,19 +177,18 @@ def run_demo(out_dir: str | Path = "patchddm_demo", *, quick: bool = False, devi
         lap[:] = [now, now_cpu]
 
     train_dir, pred_dir = out_dir / "train", out_dir / "predictions"
-    threads = _choose_threads(recipe, log) if device.type == "cpu" else None
-    log(f"      {device}{f' ({threads} threads)' if threads else ''}: {recipe.precision}, "
-        f"{'channels_last_3d' if recipe.channels_last else 'contiguous'} ({fast_settings(device).reason}); "
-        f"the network predicts {recipe.prediction_type}")
+    data_dir = out_dir / "data" if data is None else Path(data).expanduser()
+    if data is not None and not data_dir.is_dir():
+        raise DataError(f"--data {data_dir}: no such folder")
+    config, execution = train_config(recipe, data_dir, train_dir, device=str(device)).execution(device)
+    threads = _choose_threads(config, log) if device.type == "cpu" else None
+    log(f"      {device}{f' ({threads} threads)' if threads else ''}, {execution}; "
+        f"the network predicts {config.prediction_type}")
     if data is None:
-        data_dir = out_dir / "data"
         log(f"[1/4] writing {recipe.cases} phantoms of {recipe.size}^3 voxels to {data_dir}")
         write_phantoms(data_dir, n=recipe.cases, shape=(recipe.size,) * 3, seed=recipe.phantom_seed,
                        progress=progress)
     else:
-        data_dir = Path(data).expanduser()
-        if not data_dir.is_dir():
-            raise DataError(f"--data {data_dir}: no such folder")
         log(f"[1/4] using the cases of {data_dir}")
     held_out = held_out_cases(data_dir)
     if not held_out:
@@ -206,7 +196,6 @@ def run_demo(out_dir: str | Path = "patchddm_demo", *, quick: bool = False, devi
     log(f"      held out from training: {', '.join(c.case_id for c in held_out)}")
     stage("phantoms" if data is None else "data")
 
-    config = train_config(recipe, data_dir, train_dir, device=str(device))
     log(f"[2/4] training a {config.preset} PatchDDM for {config.steps} steps on {device} (into {train_dir})")
     trained = train(config, progress=progress)
     if trained.interrupted or trained.checkpoint is None:
@@ -219,11 +208,11 @@ def run_demo(out_dir: str | Path = "patchddm_demo", *, quick: bool = False, devi
 
     log(f"[3/4] sampling {len(held_out)} held-out whole volume(s): {recipe.sample_steps} DDIM steps, "
         f"ensemble of {recipe.ensemble}"
-        + (f", the network on {recipe.patch}^3 windows (its training patch)" if recipe.tiled else ""))
+        + (f", the network on {config.patch_edge}^3 windows (its training patch)" if recipe.tiled else ""))
     settings = SamplingSettings(steps=recipe.sample_steps, ensemble=recipe.ensemble, seed=recipe.seed,
-                                precision=recipe.precision, tiled=recipe.tiled,
-                                tile_shape=(recipe.patch,) * 3 if recipe.tiled else None)
-    loaded = load_model(checkpoint, device=device, channels_last=recipe.channels_last)
+                                precision=config.precision, tiled=recipe.tiled,
+                                tile_shape=(config.patch_edge,) * 3 if recipe.tiled else None)
+    loaded = load_model(checkpoint, device=device, channels_last=config.channels_last)
     segmenter = Segmenter(loaded, settings, progress=progress)
     for case in held_out:
         prepared = segmenter.prepare(case)

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from cli_helpers import assert_one_line_error, run_cli
 from patchddm_fast.cli import main
 from patchddm_fast.data import find_cases, write_phantoms
 from patchddm_fast.inference import SamplingSettings, Segmenter, case_seed, load_model, output_path
@@ -37,22 +38,6 @@ def _tiny_checkpoint(path, config=TINY, seed=0, **extra):
     model = UNet3D(config)
     save_checkpoint(model, path, **({"volume_shape": VOLUME, "patch_shape": [16, 16, 16]} | extra))
     return model
-
-
-def _run(capsys, *argv):
-    """(exit status, stdout, stderr) of `patchddm argv`."""
-    capsys.readouterr()
-    status = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
-
-
-def _assert_clean_error(err: str, *fragments):
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err and ": error: " in lines[0], err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def _partials(folder: Path):
@@ -145,7 +130,7 @@ def test_sample_reports_bad_cases_and_keeps_other_outputs(workspace, sampled, tm
     shutil.copy(output_path(sampled, good, "mask"), earlier)
     before = earlier.read_bytes()
 
-    status, stdout, _ = _run(capsys, "sample", checkpoint, bad_data, out, *SAMPLE_ARGS, "--no-montage")
+    status, stdout, _ = run_cli(capsys, "sample", checkpoint, bad_data, out, *SAMPLE_ARGS, "--no-montage")
     assert status == 1
     assert f"{no_flair}: FAILED: missing flair" in stdout
     assert f"{corrupt}: FAILED:" in stdout and f"{corrupt}_t1.nii.gz" in stdout
@@ -171,7 +156,7 @@ def test_sample_interrupted_keeps_finished_cases(workspace, tmp_path, capsys, mo
 
     monkeypatch.setattr(Segmenter, "segment", segment)
     out = tmp_path / "out"
-    status, _, err = _run(capsys, "sample", checkpoint, data, out, *SAMPLE_ARGS, "--no-montage")
+    status, _, err = run_cli(capsys, "sample", checkpoint, data, out, *SAMPLE_ARGS, "--no-montage")
     assert status == 130 and "interrupted" in err
     assert all(nib.load(output_path(out, first, kind)).shape == PHANTOM_SHAPE for kind in NIFTI_OUTPUTS)
     assert not any(output_path(out, second, kind).exists() for kind in NIFTI_OUTPUTS)
@@ -185,12 +170,12 @@ def test_sample_one_case_folder_and_skip_existing(workspace, tmp_path, capsys):
     case = _case_ids(data)[0]
     shutil.copytree(data / case, tmp_path / case)
     out = tmp_path / case / "predictions"
-    status, stdout, _ = _run(capsys, "sample", checkpoint, tmp_path / case, out, *SAMPLE_ARGS, "--no-montage")
+    status, stdout, _ = run_cli(capsys, "sample", checkpoint, tmp_path / case, out, *SAMPLE_ARGS, "--no-montage")
     assert status == 0 and "1 case(s) written" in stdout
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [output_path(out, case, kind).name for kind in NIFTI_OUTPUTS] + ["sampling.json"])
     stamp = output_path(out, case, "mask").stat().st_mtime_ns
-    status, stdout, _ = _run(capsys, "sample", checkpoint, tmp_path / case, out, *SAMPLE_ARGS, "--no-montage",
+    status, stdout, _ = run_cli(capsys, "sample", checkpoint, tmp_path / case, out, *SAMPLE_ARGS, "--no-montage",
                              "--skip-existing")
     assert status == 0 and "skipped (outputs exist)" in stdout and "FAILED" not in stdout
     assert output_path(out, case, "mask").stat().st_mtime_ns == stamp
@@ -219,28 +204,28 @@ def test_sample_input_errors_are_one_line(workspace, tmp_path, capsys):
     root, data, checkpoint = workspace
     out = tmp_path / "out"
     for name, (path, fragment) in _bad_checkpoints(tmp_path).items():
-        status, _, err = _run(capsys, "sample", path, data, out, *SAMPLE_ARGS)
+        status, _, err = run_cli(capsys, "sample", path, data, out, *SAMPLE_ARGS)
         assert status == 2, name
-        _assert_clean_error(err, fragment)
-    status, _, err = _run(capsys, "sample", checkpoint, tmp_path / "no_such_data", out, *SAMPLE_ARGS)
+        assert_one_line_error(err, fragment)
+    status, _, err = run_cli(capsys, "sample", checkpoint, tmp_path / "no_such_data", out, *SAMPLE_ARGS)
     assert status == 2
-    _assert_clean_error(err, "no_such_data: no such folder")
-    status, _, err = _run(capsys, "sample", checkpoint, data, out, *SAMPLE_ARGS[:-2], "--device", "tpu")
+    assert_one_line_error(err, "no_such_data: no such folder")
+    status, _, err = run_cli(capsys, "sample", checkpoint, data, out, *SAMPLE_ARGS[:-2], "--device", "tpu")
     assert status == 2
-    _assert_clean_error(err, "tpu")
+    assert_one_line_error(err, "tpu")
     assert not out.exists()  # nothing is created before the run can start
     # usage errors: argparse's message and status 2
-    assert _run(capsys, "sample", checkpoint, data, out, "--steps", "0")[0] == 2
-    assert _run(capsys, "sample", checkpoint)[0] == 2
-    assert _run(capsys)[0] == 2
-    assert _run(capsys, "sample", "--help")[0] == 0
+    assert run_cli(capsys, "sample", checkpoint, data, out, "--steps", "0")[0] == 2
+    assert run_cli(capsys, "sample", checkpoint)[0] == 2
+    assert run_cli(capsys)[0] == 2
+    assert run_cli(capsys, "sample", "--help")[0] == 0
 
 
 # -- evaluate and sweep -----------------------------------------------------------------------
 
 def test_evaluate_command(workspace, sampled, tmp_path, capsys):
     root, data, checkpoint = workspace
-    status, stdout, _ = _run(capsys, "evaluate", sampled, data, "-q")
+    status, stdout, _ = run_cli(capsys, "evaluate", sampled, data, "-q")
     assert status == 0 and "median" in stdout
     rows = list(csv.DictReader(open(sampled / "evaluation.csv")))
     cases = find_cases(data)[0]
@@ -255,14 +240,14 @@ def test_evaluate_command(workspace, sampled, tmp_path, capsys):
     shutil.copytree(sampled, broken)
     victim = cases[0].case_id
     output_path(broken, victim, "mask").write_bytes(gzip.compress(b"garbage"))
-    status, stdout, _ = _run(capsys, "evaluate", broken, data, "-q", "--csv", tmp_path / "e.csv")
+    status, stdout, _ = run_cli(capsys, "evaluate", broken, data, "-q", "--csv", tmp_path / "e.csv")
     assert status == 1 and f"{victim}" in stdout and "FAILED" in stdout
     rows = {r["case"]: r for r in csv.DictReader(open(tmp_path / "e.csv"))}
     assert rows[victim]["error"] and rows[cases[1].case_id]["dice"] != "nan"
 
-    status, _, err = _run(capsys, "evaluate", tmp_path / "missing", data)
+    status, _, err = run_cli(capsys, "evaluate", tmp_path / "missing", data)
     assert status == 2
-    _assert_clean_error(err, "no such folder")
+    assert_one_line_error(err, "no such folder")
 
 
 def test_sweep_matches_sample(workspace, sampled, tmp_path, capsys):
@@ -270,7 +255,7 @@ def test_sweep_matches_sample(workspace, sampled, tmp_path, capsys):
     --ensemble 2` with the same seed, so their scores agree case by case."""
     root, data, checkpoint = workspace
     out = tmp_path / "sweep"
-    status, stdout, _ = _run(capsys, "sweep", checkpoint, data, out, "--steps", "1", "2", "--ensemble", "1", "2",
+    status, stdout, _ = run_cli(capsys, "sweep", checkpoint, data, out, "--steps", "1", "2", "--ensemble", "1", "2",
                              "--max-cases", "2", "--seed", "0", "-q", "--device", "cpu")
     assert status == 0, stdout
     rows = list(csv.DictReader(open(out / "sweep_cases.csv")))
@@ -279,7 +264,7 @@ def test_sweep_matches_sample(workspace, sampled, tmp_path, capsys):
     assert [(int(r["steps"]), int(r["ensemble"])) for r in summary] == [(1, 1), (1, 2), (2, 1), (2, 2)]
     png = matplotlib.image.imread(out / "sweep.png")
     assert png.ndim == 3
-    _run(capsys, "evaluate", sampled, data, "-q", "--csv", tmp_path / "eval.csv")
+    run_cli(capsys, "evaluate", sampled, data, "-q", "--csv", tmp_path / "eval.csv")
     evaluated = {r["case"]: float(r["dice"]) for r in csv.DictReader(open(tmp_path / "eval.csv"))}
     for row in rows:
         if row["steps"] == "2" and row["ensemble"] == "2":
@@ -289,15 +274,15 @@ def test_sweep_matches_sample(workspace, sampled, tmp_path, capsys):
 # -- phantoms, info, import-checkpoint ---------------------------------------------------------
 
 def test_phantoms_and_info(tmp_path, capsys):
-    status, stdout, _ = _run(capsys, "phantoms", tmp_path / "ph", "--n", "2", "--size", "16", "--seed", "3", "-q")
+    status, stdout, _ = run_cli(capsys, "phantoms", tmp_path / "ph", "--n", "2", "--size", "16", "--seed", "3", "-q")
     assert status == 0 and "2 phantom case(s)" in stdout
     cases, report = find_cases(tmp_path / "ph")
     assert len(cases) == 2 and not report.problems
     assert nib.load(cases[0].files["flair"]).shape == (16, 16, 16)
-    status, _, err = _run(capsys, "phantoms", tmp_path / "small", "--size", "8")
+    status, _, err = run_cli(capsys, "phantoms", tmp_path / "small", "--size", "8")
     assert status == 2
-    _assert_clean_error(err, "at least 16")
-    status, stdout, _ = _run(capsys, "info")
+    assert_one_line_error(err, "at least 16")
+    status, stdout, _ = run_cli(capsys, "info")
     assert status == 0 and "patchddm_fast" in stdout and "torch" in stdout
 
 
@@ -307,7 +292,7 @@ def test_import_checkpoint(tmp_path, capsys):
     state = {f"module.{k}": v for k, v in original.state_dict().items()}  # as DDP saves it
     torch.save(state, tmp_path / "savedmodel.pt")
     out = tmp_path / "converted.pt"
-    status, stdout, _ = _run(capsys, "import-checkpoint", tmp_path / "savedmodel.pt", out, "--groups", "2",
+    status, stdout, _ = run_cli(capsys, "import-checkpoint", tmp_path / "savedmodel.pt", out, "--groups", "2",
                              "--volume", "32", "--patch", "16", "-q")
     assert status == 0 and "written to" in stdout
     loaded = load_model(out)
@@ -316,13 +301,13 @@ def test_import_checkpoint(tmp_path, capsys):
     for name, tensor in original.state_dict().items():
         # Import copies tensors: exact.
         torch.testing.assert_close(loaded.model.state_dict()[name], tensor, rtol=0, atol=0)
-    status, _, err = _run(capsys, "import-checkpoint", tmp_path / "savedmodel.pt", out)
+    status, _, err = run_cli(capsys, "import-checkpoint", tmp_path / "savedmodel.pt", out)
     assert status == 2
-    _assert_clean_error(err, "--force")
+    assert_one_line_error(err, "--force")
     (tmp_path / "notes.pt").write_text("hello")
-    status, _, err = _run(capsys, "import-checkpoint", tmp_path / "notes.pt", tmp_path / "x.pt")
+    status, _, err = run_cli(capsys, "import-checkpoint", tmp_path / "notes.pt", tmp_path / "x.pt")
     assert status == 2
-    _assert_clean_error(err, "notes.pt")
+    assert_one_line_error(err, "notes.pt")
     assert not (tmp_path / "x.pt").exists()
 
 
@@ -344,18 +329,18 @@ TINY_TRAIN = ["--steps", "2", "--batch-size", "1", "--patch", "16", "--width", "
 def test_train_command(workspace, tmp_path, capsys):
     root, data, checkpoint = workspace
     out = tmp_path / "run"
-    status, stdout, _ = _run(capsys, "train", data, out, *TINY_TRAIN)
+    status, stdout, _ = run_cli(capsys, "train", data, out, *TINY_TRAIN)
     assert status == 0, stdout
     assert "steps: 2" in stdout
     loaded = load_model(out / "last.pt")
     assert loaded.patch_shape == (16, 16, 16) and loaded.volume_shape == (32, 32, 32)  # 17 -> 32: from the data
     assert loaded.model.config.model_channels == 4
-    status, _, err = _run(capsys, "train", data, tmp_path / "bad", *TINY_TRAIN[:4], "--patch", "12")
+    status, _, err = run_cli(capsys, "train", data, tmp_path / "bad", *TINY_TRAIN[:4], "--patch", "12")
     assert status == 2
-    _assert_clean_error(err, "invalid training settings", "patch")
-    status, _, err = _run(capsys, "train", tmp_path / "nothing", tmp_path / "bad", *TINY_TRAIN)
+    assert_one_line_error(err, "invalid training settings", "patch")
+    status, _, err = run_cli(capsys, "train", tmp_path / "nothing", tmp_path / "bad", *TINY_TRAIN)
     assert status == 2
-    _assert_clean_error(err, "nothing")
+    assert_one_line_error(err, "nothing")
 
 
 def test_demo_command(tmp_path, capsys, monkeypatch):
@@ -365,7 +350,7 @@ def test_demo_command(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(demo, "quick_recipe", lambda recipe: recipe.replace(
         cases=3, size=16, patch=16, width=4, steps=2, batch_size=1, warmup_steps=0, sample_steps=1, ensemble=2))
     out = tmp_path / "demo"
-    status, stdout, _ = _run(capsys, "demo", "--quick", "--out", out, "--device", "cpu", "-q")
+    status, stdout, _ = run_cli(capsys, "demo", "--quick", "--out", out, "--device", "cpu", "-q")
     assert status == 0, stdout
     last = stdout.strip().splitlines()[-1]
     assert last.startswith("mean Dice ")
@@ -389,7 +374,7 @@ def test_demo_on_a_data_folder_reports_the_baseline(tmp_path, capsys, monkeypatc
     data = tmp_path / "mine"
     write_phantoms(data, n=10, shape=(16, 16, 16), seed=5)
     out = tmp_path / "demo"
-    status, stdout, _ = _run(capsys, "demo", "--quick", "--data", data, "--out", out, "--device", "cpu", "-q")
+    status, stdout, _ = run_cli(capsys, "demo", "--quick", "--data", data, "--out", out, "--device", "cpu", "-q")
     assert status == 0, stdout
     assert not (out / "data").exists()  # no phantoms written: the user's folder is used
     split = json.loads((out / "train" / "split.json").read_text())
@@ -398,9 +383,9 @@ def test_demo_on_a_data_folder_reports_the_baseline(tmp_path, capsys, monkeypatc
     baseline, last = stdout.strip().splitlines()[-2:]
     assert baseline.startswith("FLAIR threshold baseline on the same cases: mean Dice ")
     assert last.startswith("mean Dice ")
-    status, _, err = _run(capsys, "demo", "--quick", "--data", tmp_path / "none", "--out", tmp_path / "d2")
+    status, _, err = run_cli(capsys, "demo", "--quick", "--data", tmp_path / "none", "--out", tmp_path / "d2")
     assert status == 2
-    _assert_clean_error(err, "no such folder")
+    assert_one_line_error(err, "no such folder")
 
 
 def test_sample_held_out_subset_and_evaluate_baseline(tmp_path, capsys):
@@ -409,7 +394,7 @@ def test_sample_held_out_subset_and_evaluate_baseline(tmp_path, capsys):
     checkpoint = tmp_path / "tiny.pt"
     _tiny_checkpoint(checkpoint, volume_shape=[16, 16, 16])
     out = tmp_path / "pred"
-    status, stdout, _ = _run(capsys, "sample", checkpoint, data, out, *SAMPLE_ARGS, "--subset", "held-out",
+    status, stdout, _ = run_cli(capsys, "sample", checkpoint, data, out, *SAMPLE_ARGS, "--subset", "held-out",
                              "--no-montage")
     assert status == 0, stdout
     cases, _ = find_cases(data)
@@ -417,7 +402,7 @@ def test_sample_held_out_subset_and_evaluate_baseline(tmp_path, capsys):
     held_out = {c.case_id for c in subset_cases(cases, "held-out")}
     written = {p.name.removesuffix("_mask.nii.gz") for p in out.glob("*_mask.nii.gz")}
     assert written == held_out and len(written) == 2
-    status, stdout, _ = _run(capsys, "evaluate", out, data, "-q", "--baseline")
+    status, stdout, _ = run_cli(capsys, "evaluate", out, data, "-q", "--baseline")
     assert status == 0, stdout
     table = stdout[stdout.index("FLAIR baseline"):].splitlines()
     assert {line.split()[0] for line in table[3:5]} == held_out and table[-1].startswith("mean")
@@ -426,6 +411,6 @@ def test_sample_held_out_subset_and_evaluate_baseline(tmp_path, capsys):
     flat.mkdir()
     for seg in data.glob("*/*_seg.nii.gz"):
         shutil.copy(seg, flat / seg.name)
-    status, _, err = _run(capsys, "evaluate", out, flat, "--baseline", "-q")
+    status, _, err = run_cli(capsys, "evaluate", out, flat, "--baseline", "-q")
     assert status == 2
-    _assert_clean_error(err, "--baseline", "no training case")
+    assert_one_line_error(err, "--baseline", "no training case")

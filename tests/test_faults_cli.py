@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from cli_helpers import assert_one_line_error, run_cli
 import patchddm_fast.inference.outputs as outputs_module
 from patchddm_fast.cli import main
 from patchddm_fast.data import write_phantoms
@@ -79,21 +80,6 @@ def predicted(ws):
     return out
 
 
-def _run(capsys, *argv):
-    capsys.readouterr()
-    status = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
-
-
-def _one_line_error(err: str, *fragments):
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err and ": error: " in lines[0] and "internal error" not in lines[0], err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
 def _leftovers(folder: Path):
     return sorted(p.name for p in Path(folder).rglob("*") if "partial" in p.name or p.name.endswith(".tmp"))
 
@@ -117,9 +103,9 @@ def _failing_replace(code, *, only=None):
 def test_sample_into_a_read_only_or_full_folder_is_exit_2(ws, tmp_path, capsys, monkeypatch, code):
     out = tmp_path / "out"
     monkeypatch.setattr(os, "replace", _failing_replace(code))
-    status, stdout, err = _run(capsys, "sample", ws["a"], ws["data"], out, *SAMPLE, "--no-montage")
+    status, stdout, err = run_cli(capsys, "sample", ws["a"], ws["data"], out, *SAMPLE, "--no-montage")
     assert status == 2, err
-    _one_line_error(err, "cannot write", os.strerror(code))
+    assert_one_line_error(err, "cannot write", os.strerror(code))
     assert _leftovers(out) == []  # no .sampling.json.partial, no .X.partial.nii.gz
     assert not any(output_path(out, ws["case"], kind).exists() for kind in NIFTI)
 
@@ -127,9 +113,9 @@ def test_sample_into_a_read_only_or_full_folder_is_exit_2(ws, tmp_path, capsys, 
 def test_full_disk_while_drawing_a_montage_stops_the_run_and_leaves_no_partial(ws, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     monkeypatch.setattr(os, "replace", _failing_replace(errno.ENOSPC, only="montage"))
-    status, _, err = _run(capsys, "sample", ws["a"], ws["data"], out, *SAMPLE)
+    status, _, err = run_cli(capsys, "sample", ws["a"], ws["data"], out, *SAMPLE)
     assert status == 2, err
-    _one_line_error(err, "montage.png", os.strerror(errno.ENOSPC))
+    assert_one_line_error(err, "montage.png", os.strerror(errno.ENOSPC))
     assert _leftovers(out) == []
     assert all(entry["status"] != "ok" for entry in json.loads((out / "sampling.json").read_text())["cases"].values())
 
@@ -137,9 +123,9 @@ def test_full_disk_while_drawing_a_montage_stops_the_run_and_leaves_no_partial(w
 def test_full_disk_while_writing_sampling_json_leaves_no_partial(ws, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     monkeypatch.setattr(os, "replace", _failing_replace(errno.ENOSPC, only="sampling.json"))
-    status, _, err = _run(capsys, "sample", ws["a"], ws["data"], out, *SAMPLE, "--no-montage")
+    status, _, err = run_cli(capsys, "sample", ws["a"], ws["data"], out, *SAMPLE, "--no-montage")
     assert status == 2, err
-    _one_line_error(err, "sampling.json", os.strerror(errno.ENOSPC))
+    assert_one_line_error(err, "sampling.json", os.strerror(errno.ENOSPC))
     assert _leftovers(out) == []
 
 
@@ -147,15 +133,15 @@ def test_full_disk_while_writing_sampling_json_leaves_no_partial(ws, tmp_path, c
 def test_phantoms_train_and_evaluate_on_a_read_only_or_full_disk_are_exit_2(ws, predicted, tmp_path, capsys,
                                                                            monkeypatch, code):
     monkeypatch.setattr(os, "replace", _failing_replace(code))
-    status, _, err = _run(capsys, "evaluate", predicted, ws["data"], "--csv", tmp_path / "scores.csv", "-q")
+    status, _, err = run_cli(capsys, "evaluate", predicted, ws["data"], "--csv", tmp_path / "scores.csv", "-q")
     assert status == 2, err
-    _one_line_error(err, "cannot write", "scores.csv", os.strerror(code))
-    status, _, err = _run(capsys, "phantoms", tmp_path / "ph", "--n", "1", "--size", "16", "-q")
+    assert_one_line_error(err, "cannot write", "scores.csv", os.strerror(code))
+    status, _, err = run_cli(capsys, "phantoms", tmp_path / "ph", "--n", "1", "--size", "16", "-q")
     assert status == 2, err
-    _one_line_error(err)
-    status, _, err = _run(capsys, "train", ws["data"], tmp_path / "run", *TRAIN)
+    assert_one_line_error(err)
+    status, _, err = run_cli(capsys, "train", ws["data"], tmp_path / "run", *TRAIN)
     assert status == 2, err
-    _one_line_error(err)
+    assert_one_line_error(err)
     assert _leftovers(tmp_path) == []
 
 
@@ -167,10 +153,10 @@ def test_a_full_disk_while_saving_a_checkpoint_is_exit_2_naming_it(ws, tmp_path,
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(torch, "save", save_then_fill_the_disk)
-    status, _, err = _run(capsys, "train", ws["data"], tmp_path / "run", *TRAIN)
+    status, _, err = run_cli(capsys, "train", ws["data"], tmp_path / "run", *TRAIN)
     monkeypatch.setattr(torch, "save", real_save)
     assert status == 2, err
-    _one_line_error(err, "cannot write", "last.pt", os.strerror(errno.ENOSPC))
+    assert_one_line_error(err, "cannot write", "last.pt", os.strerror(errno.ENOSPC))
     assert _leftovers(tmp_path) == [] and not (tmp_path / "run" / "last.pt").exists()
 
 
@@ -182,54 +168,54 @@ def test_resume_with_other_settings_is_exit_2(ws, trained, capsys):
             argv[argv.index(option) + 1] = value
         else:
             argv += [option, value]
-        status, _, err = _run(capsys, "train", ws["data"], trained, *argv, "--resume")
+        status, _, err = run_cli(capsys, "train", ws["data"], trained, *argv, "--resume")
         assert status == 2, (option, err)
-        _one_line_error(err, "last.pt", fragment)
+        assert_one_line_error(err, "last.pt", fragment)
 
 
 def test_bad_sampling_options_are_exit_2(ws, tmp_path, capsys):
     out = tmp_path / "out"
-    status, _, err = _run(capsys, "sample", ws["a"], ws["data"], out, *SAMPLE, "--eta", "-1")
+    status, _, err = run_cli(capsys, "sample", ws["a"], ws["data"], out, *SAMPLE, "--eta", "-1")
     assert status == 2
-    _one_line_error(err, "eta")
-    status, _, err = _run(capsys, "sample", ws["a"], ws["data"], out, *SAMPLE, "--tiled", "--tile", "15")
+    assert_one_line_error(err, "eta")
+    status, _, err = run_cli(capsys, "sample", ws["a"], ws["data"], out, *SAMPLE, "--tiled", "--tile", "15")
     assert status == 2  # the tiny network halves the grid once: tiles are multiples of 2
-    _one_line_error(err, "--tile 15,15,15", "multiple of 2")
+    assert_one_line_error(err, "--tile 15,15,15", "multiple of 2")
     assert not out.exists() or not any(out.iterdir())  # refused before any work
 
 
 def test_seeds_out_of_range_are_exit_2_and_the_largest_seed_trains(ws, tmp_path, capsys):
-    status, _, err = _run(capsys, "train", ws["data"], tmp_path / "r1", *TRAIN, "--seed", "99999999999999999999999")
+    status, _, err = run_cli(capsys, "train", ws["data"], tmp_path / "r1", *TRAIN, "--seed", "99999999999999999999999")
     assert status == 2
-    _one_line_error(err, "seed")
-    status, _, err = _run(capsys, "phantoms", tmp_path / "ph", "--n", "1", "--size", "16", "--seed", "-1")
+    assert_one_line_error(err, "seed")
+    status, _, err = run_cli(capsys, "phantoms", tmp_path / "ph", "--n", "1", "--size", "16", "--seed", "-1")
     assert status == 2 and "--seed" in err and "Traceback" not in err
-    status, _, err = _run(capsys, "sample", ws["a"], ws["data"], tmp_path / "o", *SAMPLE, "--seed", "-5")
+    status, _, err = run_cli(capsys, "sample", ws["a"], ws["data"], tmp_path / "o", *SAMPLE, "--seed", "-5")
     assert status == 2 and "--seed" in err
-    status, _, err = _run(capsys, "train", ws["data"], tmp_path / "r2", *TRAIN, "--seed", str(2**63 - 1))
+    status, _, err = run_cli(capsys, "train", ws["data"], tmp_path / "r2", *TRAIN, "--seed", str(2**63 - 1))
     assert status == 0, err
 
 
 def test_garbage_given_to_import_checkpoint_is_exit_2(tmp_path, capsys):
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(np.random.default_rng(0).bytes(1000))
-    status, _, err = _run(capsys, "import-checkpoint", garbage, tmp_path / "out.pt")
+    status, _, err = run_cli(capsys, "import-checkpoint", garbage, tmp_path / "out.pt")
     assert status == 2
-    _one_line_error(err, "garbage.npz", "not a .npz")
+    assert_one_line_error(err, "garbage.npz", "not a .npz")
     objects = tmp_path / "objects.npz"
     np.savez(objects, weights=np.array([{"a": 1}], dtype=object))
-    status, _, err = _run(capsys, "import-checkpoint", objects, tmp_path / "out.pt")
+    status, _, err = run_cli(capsys, "import-checkpoint", objects, tmp_path / "out.pt")
     assert status == 2
-    _one_line_error(err, "objects.npz")
+    assert_one_line_error(err, "objects.npz")
     assert not (tmp_path / "out.pt").exists()
 
 
 def test_a_diverging_run_is_exit_2_with_advice(ws, tmp_path, capsys):
     argv = [a for a in TRAIN]
     argv[argv.index("--steps") + 1] = "12"
-    status, _, err = _run(capsys, "train", ws["data"], tmp_path / "run", *argv, "--lr", "1e9", "--grad-clip", "off")
+    status, _, err = run_cli(capsys, "train", ws["data"], tmp_path / "run", *argv, "--lr", "1e9", "--grad-clip", "off")
     assert status == 2, err
-    _one_line_error(err, "non-finite", "grad-clip")
+    assert_one_line_error(err, "non-finite", "grad-clip")
     assert (tmp_path / "run" / "last.pt").is_file()  # the last good state is kept
 
 
@@ -240,9 +226,9 @@ def test_evaluate_refuses_a_folder_as_csv_before_writing_anything(ws, predicted,
     work = tmp_path / "work"
     (work / "data").mkdir(parents=True)
     monkeypatch.chdir(work)
-    status, stdout, err = _run(capsys, "evaluate", pred, ws["data"], "--csv", "data")
+    status, stdout, err = run_cli(capsys, "evaluate", pred, ws["data"], "--csv", "data")
     assert status == 2
-    _one_line_error(err, "--csv data", "folder")
+    assert_one_line_error(err, "--csv data", "folder")
     assert sorted(p.name for p in work.rglob("*")) == ["data"]  # no .data.partial
     assert not (pred / "evaluation.csv").exists() and stdout == ""
 
@@ -298,7 +284,7 @@ def test_an_interrupted_rewrite_is_redone_not_skipped(ws, by_a, tmp_path, capsys
     np.testing.assert_array_equal(_volumes(out, case)["mean"], by_a["b"]["mean"])
     assert _record(out, case)["status"] != "ok"
     # resumed with the first run's checkpoint (whose record the old code trusted): redone by A
-    status, stdout, _ = _run(capsys, "sample", ws["a"], ws["data"] / case, out, *SAMPLE, "--skip-existing")
+    status, stdout, _ = run_cli(capsys, "sample", ws["a"], ws["data"] / case, out, *SAMPLE, "--skip-existing")
     assert status == 0 and "skipped" not in stdout and "1 case(s) written" in stdout
     _assert_all_from(out, case, by_a["a"])
     assert _record(out, case)["status"] == "ok" and _record(out, case)["checkpoint"] == str(ws["a"])
@@ -306,7 +292,7 @@ def test_an_interrupted_rewrite_is_redone_not_skipped(ws, by_a, tmp_path, capsys
     with monkeypatch.context() as patch:
         _interrupt_after_mean(patch)
         assert _sample(ws, ws["b"], out) == 130
-    status, stdout, _ = _run(capsys, "sample", ws["b"], ws["data"] / case, out, *SAMPLE, "--skip-existing")
+    status, stdout, _ = run_cli(capsys, "sample", ws["b"], ws["data"] / case, out, *SAMPLE, "--skip-existing")
     assert status == 0 and "skipped" not in stdout
     _assert_all_from(out, case, by_a["b"])
     assert _record(out, case)["status"] == "ok" and _record(out, case)["checkpoint"] == str(ws["b"])
@@ -318,16 +304,16 @@ def test_skip_existing_skips_only_outputs_of_the_same_checkpoint_and_settings(ws
     assert _sample(ws, ws["a"], out) == 0
     before = _record(out, case)
     # the same checkpoint and settings: skipped, and the record still credits the run that wrote it
-    status, stdout, _ = _run(capsys, "sample", ws["a"], ws["data"] / case, out, *SAMPLE, "--skip-existing")
+    status, stdout, _ = run_cli(capsys, "sample", ws["a"], ws["data"] / case, out, *SAMPLE, "--skip-existing")
     assert status == 0 and "skipped (outputs exist)" in stdout
     assert _record(out, case) == before
     # another checkpoint: redone by it, and credited to it
-    status, stdout, _ = _run(capsys, "sample", ws["b"], ws["data"] / case, out, *SAMPLE, "--skip-existing")
+    status, stdout, _ = run_cli(capsys, "sample", ws["b"], ws["data"] / case, out, *SAMPLE, "--skip-existing")
     assert status == 0 and "skipped" not in stdout
     _assert_all_from(out, case, by_a["b"])
     assert _record(out, case)["checkpoint"] == str(ws["b"])
     # other settings (more steps): redone
-    status, stdout, _ = _run(capsys, "sample", ws["b"], ws["data"] / case, out, *SAMPLE, "--skip-existing",
+    status, stdout, _ = run_cli(capsys, "sample", ws["b"], ws["data"] / case, out, *SAMPLE, "--skip-existing",
                              "--steps", "3")
     assert status == 0 and "skipped" not in stdout and _record(out, case)["steps"] == 3
 
@@ -337,7 +323,7 @@ def test_skip_existing_redoes_a_case_whose_files_changed_since_its_record(ws, tm
     assert _sample(ws, ws["a"], out) == 0
     mean = output_path(out, case, "mean")
     mean.write_bytes(output_path(out, case, "uncertainty").read_bytes())  # another file under its name
-    status, stdout, _ = _run(capsys, "sample", ws["a"], ws["data"] / case, out, *SAMPLE, "--skip-existing")
+    status, stdout, _ = run_cli(capsys, "sample", ws["a"], ws["data"] / case, out, *SAMPLE, "--skip-existing")
     assert status == 0 and "skipped" not in stdout
     assert not np.array_equal(_volumes(out, case)["mean"], _volumes(out, case)["uncertainty"])
 
@@ -382,7 +368,7 @@ def test_info_names_an_invalid_backend_override(capsys, monkeypatch):
 
     monkeypatch.setenv("PATCHDDM_BACKEND", "bogus")
     monkeypatch.setitem(_backends._OVERRIDE, "backend", None)  # as read at import with the bad value
-    status, stdout, _ = _run(capsys, "info")
+    status, stdout, _ = run_cli(capsys, "info")
     assert status == 0
     line = next(line for line in stdout.splitlines() if line.startswith("backend override"))
     assert "PATCHDDM_BACKEND='bogus' is invalid" in line and "cpp, cuda, triton, torch" in line
@@ -403,14 +389,14 @@ def test_checkpoints_follow_the_umask(tmp_path, umask):
 def test_evaluate_warns_when_predictions_are_their_ground_truth(ws, predicted, tmp_path, capsys):
     pred = tmp_path / "pred"
     shutil.copytree(predicted, pred)
-    status, stdout, err = _run(capsys, "evaluate", pred, pred)
+    status, stdout, err = run_cli(capsys, "evaluate", pred, pred)
     assert status == 0 and "PRED_DIR and GT_DIR are the same folder" in err and "WARNING" in stdout
     # a prediction that is the ground-truth file itself (a link), in another folder
     linked = tmp_path / "linked"
     linked.mkdir()
     seg = ws["data"] / ws["case"] / f"{ws['case']}_seg.nii.gz"
     (linked / f"{ws['case']}.nii.gz").symlink_to(seg)
-    status, stdout, err = _run(capsys, "evaluate", linked, ws["data"], "--csv", tmp_path / "e.csv")
+    status, stdout, err = run_cli(capsys, "evaluate", linked, ws["data"], "--csv", tmp_path / "e.csv")
     assert status == 0 and "very file of their ground truth" in err and ws["case"] in err
-    status, stdout, err = _run(capsys, "evaluate", pred, ws["data"], "--csv", tmp_path / "e.csv")
+    status, stdout, err = run_cli(capsys, "evaluate", pred, ws["data"], "--csv", tmp_path / "e.csv")
     assert status == 0 and "warning" not in err.lower()

@@ -75,7 +75,7 @@ def main():
     p.add_argument("--patch", type=int, default=None)
     p.add_argument("--sample-steps", type=int, default=10)
     p.add_argument("--ensemble", type=int, default=3)
-    p.add_argument("--precision", default=None)
+    p.add_argument("--precision", default="fp32", help="fp32 (the study's ε, x0 and v runs) or bf16")
     p.add_argument("--phantom-seed", type=int, default=0)
     p.add_argument("--channels-last", type=int, default=1, help="1: channels_last_3d (same math, faster on CPUs)")
     p.add_argument("--lr-schedule", default=None)
