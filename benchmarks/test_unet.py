@@ -33,12 +33,15 @@ import torch
 
 from benchmarks.memory import cpu_peak_bytes, cuda_peak_bytes
 
-# name -> UNet3D options (+ "bf16": run under bf16 autocast).
+# name -> UNet3D options (+ "bf16": run under bf16 autocast; "slab_planes": None runs the
+# no-grad forward whole, as before the slab-by-slab pass).
 OPTIONS = {
     "baseline": dict(fused=False),
     "baseline-bf16": dict(fused=False, bf16=True),
     "baseline+cheap": dict(fused=False, checkpoint="cheap"),
     "fused": dict(fused=True),
+    "fused-whole": dict(fused=True, slab_planes=None),
+    "fused-whole-bf16": dict(fused=True, slab_planes=None, bf16=True),
     "fused+cheap": dict(fused=True, checkpoint="cheap"),
     "fused+blocks": dict(fused=True, checkpoint="blocks"),
     "fused+channels_last": dict(fused=True, channels_last=True),
@@ -65,9 +68,12 @@ def setup_step(preset: str, size: int, option: str, train: bool, device: str = "
 
     options = dict(OPTIONS[option])
     bf16 = options.pop("bf16", False)
+    whole = options.pop("slab_planes", "default") is None
     _set_threads()
     torch.manual_seed(0)
     model = UNet3D(PRESETS[preset], **options).to(device).train(train)
+    if whole:
+        model.slab_planes = None
     config = model.config
     x = torch.randn(batch, config.in_channels, size, size, size, device=device)
     t = torch.randint(0, 1000, (batch,), device=device)
@@ -217,6 +223,7 @@ def _cpu_only(device):
 
 CPU_TRAIN = ["baseline", "fused", "fused+cheap", "fused+blocks", "fused+cheap+channels_last"]
 CPU_FORWARD = ["baseline", "fused", "fused-bf16"]
+CPU_FORWARD_128 = ["baseline", "fused-whole", "fused", "fused-whole-bf16", "fused-bf16"]
 
 
 @pytest.mark.parametrize("option", ["baseline", "fused", "fused+cheap", "fused+blocks"])
@@ -249,6 +256,16 @@ def test_cpu_paper_forward_64(benchmark, bench_device, paper_scale, option):
     _measure(benchmark, bench_device, 3, "paper", 64, option, False, "baseline")
 
 
+@pytest.mark.parametrize("option", CPU_FORWARD_128)
+def test_cpu_paper_forward_128(benchmark, bench_device, paper_scale, option):
+    # Whole-volume sampling's memory: the slab-by-slab forward against the whole-tensor one
+    # and the original, at the paper's patch size (20-30 s a pass on 2 cores).
+    _cpu_only(bench_device)
+    _paper_preset_on_cpu(paper_scale)
+    benchmark.group = "unet paper 128^3 no-grad forward cpu, vs fp32 baseline"
+    _measure(benchmark, bench_device, 2, "paper", 128, option, False, "baseline")
+
+
 @pytest.mark.parametrize("option", ["baseline-bf16", "fused-bf16", "fused+cheap-bf16", "fused+blocks-bf16",
                                     "fused+cheap+channels_last-bf16"])
 def test_paper_train_128_bf16(benchmark, bench_device, paper_scale, option):
@@ -258,7 +275,7 @@ def test_paper_train_128_bf16(benchmark, bench_device, paper_scale, option):
     _measure(benchmark, bench_device, 5, "paper", 128, option, True, "baseline-bf16")
 
 
-@pytest.mark.parametrize("option", ["baseline", "fused", "baseline-bf16", "fused-bf16"])
+@pytest.mark.parametrize("option", ["baseline", "fused-whole", "fused", "baseline-bf16", "fused-bf16"])
 def test_paper_forward_256(benchmark, bench_device, paper_scale, option):
     if not paper_scale:
         pytest.skip("paper scale: on a GPU, or pass --paper-scale")

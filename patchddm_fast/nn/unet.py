@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from .config import PAPER, SMALL, UNetConfig
 from .norm import FusedGroupNormSiLU, GroupNorm32, norm_act
+from . import streaming
 from .recompute import draw_seed, recomputed_pre_conv, seeded_dropout
 
 CHECKPOINT_MODES = ("off", "cheap", "blocks")
@@ -280,6 +281,10 @@ class UNet3D(nn.Module):
         backward (paper preset, 64^3, CPU: ~41% of the baseline's training peak at the
         baseline's speed); "blocks" also recomputes the convolutions (~33%, slower).
     channels_last: keep convolution weights and the input in torch.channels_last_3d.
+    slab_planes (attribute): without gradients, the fused network runs its large levels slab
+        by slab along depth, this many planes at a time (nn/streaming.py: about half the
+        memory of the whole-tensor forward, the same result within float32 rounding);
+        None runs every level whole.
 
     x: (B, in_channels, D, H, W) with D, H, W multiples of 2^(levels-1); timesteps: (B,)
     integer or float (or a scalar for all). Returns (B, out_channels, D, H, W).
@@ -291,6 +296,7 @@ class UNet3D(nn.Module):
         config = (config or PAPER).replace(**overrides) if overrides else (config or PAPER)
         self.config, self.fused = config, fused
         self.channels_last = channels_last
+        self.slab_planes: int | None = streaming.SLAB_PLANES
         modes = _per_level(checkpoint, config.levels)
         mc, groups, emb_ch = config.model_channels, config.groups, 4 * config.model_channels
         resblock = partial(ResBlock, emb_channels=emb_ch, groups=groups, dropout=config.dropout, fused=fused)
@@ -406,6 +412,8 @@ class UNet3D(nn.Module):
         frequencies = timestep_embedding(timesteps, self.config.model_channels)
         emb = self.time_embed(frequencies.to(self.time_embed[0].weight.dtype))
 
+        if self.fused and not torch.is_grad_enabled() and streaming.streams(x.shape[2], self.slab_planes):
+            return self._forward_in_slabs(x, emb)
         skips = []
         h = x
         for (layer,) in self.input_blocks:
@@ -422,6 +430,44 @@ class UNet3D(nn.Module):
             if len(block) > 1:
                 h = block[1](h)
         return self.out(h)
+
+    def _forward_in_slabs(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """forward without gradients, the levels deep enough (streaming.streams) slab by slab.
+        The input convolution's output, the first skip, is recomputed when the decoder needs
+        it rather than kept through the whole pass."""
+        planes = self.slab_planes
+        input_conv = self.input_blocks[0][0]
+        h = input_conv(x)
+        skips = [streaming.RecomputedConv(input_conv, x)]
+        for (layer,) in self.input_blocks[1:]:
+            if isinstance(layer, ResBlock):
+                inputs = [h, None]
+                del h
+                h = self._block_in_slabs(layer, inputs, emb, planes)
+            else:
+                h = layer(h)
+            skips.append(h)
+        for block in self.middle_block:
+            inputs = [h, None]
+            del h
+            h = self._block_in_slabs(block, inputs, emb, planes)
+        for block in self.output_blocks:
+            inputs = [h, skips.pop()]
+            del h
+            h = self._block_in_slabs(block[0], inputs, emb, planes)
+            if len(block) > 1:
+                h = block[1](h)
+        if streaming.streams(h.shape[2], planes):
+            return streaming.head(self.out, h, planes)
+        return self.out(h)
+
+    @staticmethod
+    def _block_in_slabs(block: ResBlock, inputs: list, emb: torch.Tensor, planes: int) -> torch.Tensor:
+        if streaming.streams(inputs[0].shape[2], planes) and streaming.block_fits(block):
+            return streaming.resblock(block, inputs, emb, planes)
+        if isinstance(inputs[1], streaming.RecomputedConv):
+            inputs[1] = inputs[1].full()
+        return block.consume(inputs, emb, overwrite=True)
 
 
 def paper_unet(**options) -> UNet3D:
