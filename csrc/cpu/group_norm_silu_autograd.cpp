@@ -15,6 +15,8 @@
 #include <optional>
 #include <tuple>
 
+#include "../group_norm_silu_args.h"
+
 namespace patchddm {
 namespace {
 
@@ -72,9 +74,12 @@ class GroupNormSiLUFunction : public torch::autograd::Function<GroupNormSiLUFunc
     const at::Tensor &input = saved[0], &add = saved[1], &weight = saved[2], &bias = saved[3];
     const bool has_skip = ctx->saved_data["has_skip"].toBool();
     const int64_t groups = ctx->saved_data["groups"].toInt();
-    const at::Tensor grad_out = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(input);
+    // The gradients in the saved input's layout, which the kernels read them in (the CPU kernel
+    // reads channels-last tensors as they are; the CUDA one gets contiguous inputs only).
+    const at::MemoryFormat layout = group_norm_layout(input);
+    const at::Tensor grad_out = grads[0].defined() ? grads[0].contiguous(layout) : at::zeros_like(input, layout);
     std::optional<at::Tensor> grad_average;
-    if (has_skip && grads[1].defined()) grad_average = grads[1].contiguous();
+    if (has_skip && grads[1].defined()) grad_average = grads[1].contiguous(layout);
     auto [grad_input, grad_add, grad_weight, grad_bias] =
         call_backward(grad_out, grad_average, input, optional(add), optional(weight), optional(bias), saved[4],
                       saved[5], groups, has_skip ? 0.5 : 1.0);

@@ -125,13 +125,25 @@ def group_norm_silu(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
     for a channels_last_3d x, as F.group_norm), the gradients of x and skip in theirs.
     Statistics are float32 (float64 for float64 inputs). Differentiable in x, skip, add,
     weight and bias.
+
+    Layouts: the compiled CPU kernel computes on channels-last (channels_last / _3d) tensors as
+    they are, with no copies (a skip in another layout than x is copied to x's). The CUDA and
+    Triton kernels read contiguous tensors only, and the plain-PyTorch backend stays the
+    contiguous reference: those copy a channels-last x (and skip) to contiguous, the outputs
+    back, and their gradients likewise.
     """
     check_arguments(NAME, x, skip, add, weight, bias, groups, eps)
     groups, eps = operator.index(groups), float(eps)
     choice = OP.resolve(x.device, backend)
-    # Every backend computes in the contiguous layout, which the kernels read: a channels-last
-    # x (or skip) is copied there, the outputs back, and their gradients too.
     layout = memory_format(x)
+    if layout != torch.contiguous_format and choice == "cpp" and x.device.type == "cpu":
+        # The CPU kernel reads channels-last tensors natively: outputs and gradients come back
+        # in x's layout without copies; only a skip laid out otherwise is made like x.
+        skip = to_layout(skip, layout) if skip is not None else None
+        y, average, _, _ = torch.ops.patchddm.group_norm_silu_forward(x, skip, add, weight, bias, groups, eps)
+        return (average, y) if skip is not None else y
+    # The other backends compute in the contiguous layout, which their kernels read: a
+    # channels-last x (or skip) is copied there, the outputs back, and their gradients too.
     x, skip = to_contiguous(x), to_contiguous(skip) if skip is not None else None
     if choice == "torch":
         outputs = group_norm_silu_reference(x, weight, bias, groups, eps, add, skip)
@@ -157,26 +169,31 @@ def memory_format(t: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-class _Contiguous(torch.autograd.Function):
-    """t.contiguous(), whose gradient comes back in t's memory format (a plain .contiguous()
-    hands back the contiguous gradient of its copy)."""
+class _Relayout(torch.autograd.Function):
+    """t.contiguous(memory_format=target), whose gradient comes back in t's own memory format
+    (a plain .contiguous() hands back the gradient of its copy, in the copy's layout)."""
 
     @staticmethod
-    def forward(t, layout):
-        return t.contiguous()
+    def forward(t, target, layout):
+        return t.contiguous(memory_format=target)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.layout = inputs[1]
+        ctx.layout = inputs[2]
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.contiguous(memory_format=ctx.layout), None
+        return grad.contiguous(memory_format=ctx.layout), None, None
+
+
+def to_layout(t: torch.Tensor, target: torch.memory_format) -> torch.Tensor:
+    """t laid out as `target` (t itself when it already is), its gradient in t's layout."""
+    return t if t.is_contiguous(memory_format=target) else _Relayout.apply(t, target, memory_format(t))
 
 
 def to_contiguous(t: torch.Tensor) -> torch.Tensor:
     layout = memory_format(t)
-    return t if layout == torch.contiguous_format else _Contiguous.apply(t, layout)
+    return t if layout == torch.contiguous_format else _Relayout.apply(t, torch.contiguous_format, layout)
 
 
 # -- fake kernels and autograd, shared by the compiled and the Triton ops ---------------------
