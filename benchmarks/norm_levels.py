@@ -15,8 +15,11 @@ Layouts (`--layout`): x and the upstream gradient contiguous (NCDHW), or channel
 
 Ours and eager run alternately, round after round, in this one process, and each keeps its
 fastest round in wall time and, separately, in process CPU time: on a machine shared with
-other jobs the fastest round is the one they disturbed least. Both outputs are checked against
-each other first (float32: within float32 rounding of the sums, see TOLERANCE).
+other jobs the fastest round is the one they disturbed least. Ours is checked first against
+eager on the contiguous x (float32: within float32 rounding of the sums, see TOLERANCE). Not
+against eager on a channels-last x: ATen's channels-last GroupNorm loses precision on large
+channels (29 ch 128^3 float32: 2e-4 to 7e-4 relative to the float64 formula, measured, where
+eager on the contiguous x and ours in either layout are within 7e-8).
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ def one_round(f, x, weight, bias, grad, mode):
 def compare(level: int, dtype: torch.dtype, mode: str, rounds: int, layout: str = "contiguous") -> dict:
     x, weight, bias, grad = inputs(level, dtype, layout)
     with torch.no_grad():
-        a, b = ours(x, weight, bias).float(), eager(x, weight, bias).float()
+        a, b = ours(x, weight, bias).float(), eager(x.contiguous(), weight, bias).float()
     error = ((a - b).norm() / b.norm()).item()
     if not error < TOLERANCE[dtype]:
         raise AssertionError(f"ours differs from eager at {level}^3 {dtype}: relative error {error:.2e}")

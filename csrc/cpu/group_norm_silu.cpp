@@ -18,6 +18,14 @@
 // and dz * xhat per chunk (float and double keep dz in grad_input's buffer); pass 2 writes
 // grad_input from those group sums.
 //
+// Channels last (x channels_last / channels_last_3d, (B, S, C) in memory: what the trainer feeds
+// CPUs, and how ATen's GroupNorm computes it natively): the same formulas, computed in place
+// with no layout copies; skip and the gradients must lie as x (the Python op and the autograd
+// make them so). A channel is then strided, so the loops run over whole rows, channel
+// innermost, with the per-channel constants repeated in a pattern of rows that fills whole
+// vectors (RowChunks); statistics come from per-(batch, chunk of rows, channel) sums. Both
+// passes run over the chunks in parallel (forward_channels_last_impl, backward_...).
+//
 // The element loops (group_norm_silu_loops.h) are plain loops that GCC vectorises, compiled for
 // AVX-512, AVX2 and baseline x86-64; each call runs the copy that cpu_isa() chose (vec.h).
 #include <ATen/Dispatch.h>
