@@ -375,7 +375,7 @@ class OpLog(torch.utils._python_dispatch.TorchDispatchMode):
         return sorted({name for name, shapes in self.calls if tuple(shape) in shapes})
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("options", CL_OPTIONS, ids=str)
 @pytest.mark.parametrize("shape,groups", CL_CASES, ids=str)
 def test_channels_last_kernel_matches_reference_and_contiguous_kernel(dtype, options, shape, groups):
