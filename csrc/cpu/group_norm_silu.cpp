@@ -194,6 +194,23 @@ std::vector<A> values_or(const std::optional<at::Tensor>& t, int64_t n, A fill) 
   return std::vector<A>(p, p + n);
 }
 
+// The constants of y = silu(a * scale + shift) for the channels of group bg (a (batch, group)
+// index) from its stored statistics: scale = rstd w, shift = (add - mean) scale + bias, in
+// double from the float32 (float64) mean and rstd. The forward and group_norm_silu_apply both
+// compute them here, so apply given the forward's statistics gives the forward's bits.
+template <typename A>
+void group_constants(int64_t bg, int64_t channels, int64_t per_group, const A* mean, const A* rstd,
+                     const std::vector<double>& add, const std::vector<A>& w, const std::vector<A>& b, A* scale,
+                     A* shift) {
+  const double m = static_cast<double>(mean[bg]), r = static_cast<double>(rstd[bg]);
+  for (int64_t bc = bg * per_group; bc < (bg + 1) * per_group; ++bc) {
+    const int64_t c = bc % channels;
+    const double k = r * w[c];
+    scale[bc] = static_cast<A>(k);
+    shift[bc] = static_cast<A>((add[bc] - m) * k + b[c]);
+  }
+}
+
 // -- forward ----------------------------------------------------------------------------------
 
 template <typename T>
@@ -230,7 +247,8 @@ void forward_impl(const at::Tensor& x, const std::optional<at::Tensor>& skip,
   };
 
   // Channel moments, combined per group (Chan et al.): M2 = sum M2_c + S sum (mean_c - mean)^2.
-  // Then y = silu(a * A + B) with A = rstd w, B = (add - mean) A + bias, from the stored stats.
+  // Then y = silu(a * A + B) with A = rstd w, B = (add - mean) A + bias, from the stored stats
+  // (group_constants).
   const double n_group = static_cast<double>(Cg * S);
   std::vector<double> ch_mean(bc_count), ch_m2(bc_count);
   std::vector<acc> scale(bc_count), offset_v(bc_count);
@@ -257,12 +275,7 @@ void forward_impl(const at::Tensor& x, const std::optional<at::Tensor>& skip,
     const double var = n_group > 0 ? m2 / n_group : 0.0;
     mean_p[bg] = static_cast<acc>(m);
     rstd_p[bg] = static_cast<acc>(1.0 / std::sqrt(var + eps));
-    for (int64_t bc = c0; bc < c0 + Cg; ++bc) {
-      const int64_t c = bc % d.channels;
-      const double A = static_cast<double>(rstd_p[bg]) * w[c];
-      scale[bc] = static_cast<acc>(A);
-      offset_v[bc] = static_cast<acc>((add_v[bc] - static_cast<double>(mean_p[bg])) * A + b[c]);
-    }
+    group_constants(bg, d.channels, Cg, mean_p, rstd_p, add_v, w, b, scale.data(), offset_v.data());
   };
   auto* yp = mutable_storage_ptr<T>(y);
   auto apply_unit = [&](int64_t, int64_t bc, int64_t offset, int64_t len) {
@@ -343,12 +356,7 @@ void forward_channels_last_impl(const at::Tensor& x, const std::optional<at::Ten
     const double var = n_group > 0 ? m2 / n_group : 0.0;
     mean_p[bg] = static_cast<acc>(m);
     rstd_p[bg] = static_cast<acc>(1.0 / std::sqrt(var + eps));
-    for (int64_t bc = c0; bc < c0 + Cg; ++bc) {
-      const int64_t c = bc % C;
-      const double A = static_cast<double>(rstd_p[bg]) * w[c];
-      scale[bc] = static_cast<acc>(A);
-      offset_v[bc] = static_cast<acc>((add_v[bc] - static_cast<double>(mean_p[bg])) * A + b[c]);
-    }
+    group_constants(bg, C, Cg, mean_p, rstd_p, add_v, w, b, scale.data(), offset_v.data());
   }
 
   const std::vector<acc> scale_p = units.pattern(scale), offset_p = units.pattern(offset_v);
@@ -645,11 +653,84 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backw
   return {grad_input, grad_add, grad_weight, grad_bias};
 }
 
+// -- apply with given statistics --------------------------------------------------------------
+
+// group_norm_silu_apply: the forward's pass 2 alone, with the caller's mean and rstd (those of a
+// whole tensor, applied to one depth slab of it). x and out are channel runs (Contiguous) or
+// batch runs of rows (channels last) at their own strides (ApplyLayout); the spans are those of
+// the forward over a tensor of x's shape, each moved to its place in x and in out.
+template <typename T>
+void apply_impl(const at::Tensor& x, const ApplyLayout& xl, const at::Tensor& mean, const at::Tensor& rstd,
+                const std::optional<at::Tensor>& add, const std::optional<at::Tensor>& weight,
+                const std::optional<at::Tensor>& bias, const GroupNormDims& d, const at::Tensor& out,
+                const ApplyLayout& ol) {
+  using acc = typename Elem<T>::acc;
+  const cpu::Isa choice = cpu::cpu_isa();
+  const int64_t C = d.channels, S = d.spatial, bc_count = d.batch * C;
+  const auto* xp = storage_ptr<T>(x);
+  auto* yp = mutable_storage_ptr<T>(out);
+  const std::vector<double> add_v = values_or<double>(add, bc_count, 0.0);
+  const std::vector<acc> w = values_or<acc>(weight, C, acc(1));
+  const std::vector<acc> b = values_or<acc>(bias, C, acc(0));
+  std::vector<acc> scale(bc_count), shift(bc_count);
+  for (int64_t bg = 0; bg < d.batch * d.groups; ++bg) {
+    group_constants(bg, C, d.per_group(), mean.const_data_ptr<acc>(), rstd.const_data_ptr<acc>(), add_v, w, b,
+                    scale.data(), shift.data());
+  }
+  if (!d.channels_last()) {
+    const Units units(bc_count, S);
+    at::parallel_for(0, units.count(), units.grain(), [&](int64_t begin, int64_t end) {
+      units.for_each(begin, end, [&](int64_t, int64_t bc, int64_t offset, int64_t len) {
+        const int64_t bi = bc / C, c = bc % C, start = offset - bc * S;
+        PATCHDDM_DISPATCH_ISA(choice, isa::apply_span<T>(xp + bi * xl.batch_stride + c * xl.channel_stride + start,
+                                                         yp + bi * ol.batch_stride + c * ol.channel_stride + start,
+                                                         len, scale[bc], shift[bc]));
+      });
+    });
+    return;
+  }
+  const RowChunks units(d.batch, S, C);
+  const int64_t P = units.period;
+  const std::vector<acc> scale_p = units.pattern(scale), shift_p = units.pattern(shift);
+  units.parallel([&](int64_t, int64_t bi, int64_t offset, int64_t len) {
+    const int64_t start = offset - bi * S * C;  // whole rows from the batch entry's first
+    PATCHDDM_DISPATCH_ISA(choice, isa::cl_apply_span<T>(xp + bi * xl.batch_stride + start,
+                                                        yp + bi * ol.batch_stride + start, len, P,
+                                                        &scale_p[bi * P], &shift_p[bi * P]));
+  });
+}
+
+void group_norm_silu_apply_out_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+                                   const std::optional<at::Tensor>& add, const std::optional<at::Tensor>& weight,
+                                   const std::optional<at::Tensor>& bias, int64_t groups, const at::Tensor& out) {
+  const auto [d, xl, ol] = check_group_norm_silu_apply("patchddm::group_norm_silu_apply_out", x, mean, rstd, add,
+                                                       weight, bias, groups, out);
+  if (x.numel() == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_silu_apply_cpu", [&] {
+    apply_impl<scalar_t>(x, xl, mean, rstd, add, weight, bias, d, out, *ol);
+  });
+}
+
+at::Tensor group_norm_silu_apply_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+                                     const std::optional<at::Tensor>& add, const std::optional<at::Tensor>& weight,
+                                     const std::optional<at::Tensor>& bias, int64_t groups) {
+  const auto [d, xl, ol] = check_group_norm_silu_apply("patchddm::group_norm_silu_apply", x, mean, rstd, add,
+                                                       weight, bias, groups, std::nullopt);
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(d.layout));  // x's layout, packed
+  if (x.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_silu_apply_cpu", [&] {
+    apply_impl<scalar_t>(x, xl, mean, rstd, add, weight, bias, d, out, *apply_layout_as(out, d.layout));
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(patchddm, CPU, m) {
   m.impl("group_norm_silu_forward", &group_norm_silu_forward_cpu);
   m.impl("group_norm_silu_backward", &group_norm_silu_backward_cpu);
+  m.impl("group_norm_silu_apply", &group_norm_silu_apply_cpu);
+  m.impl("group_norm_silu_apply_out", &group_norm_silu_apply_out_cpu);
 }
 
 }  // namespace patchddm
