@@ -26,6 +26,10 @@
 // vectors (RowChunks); statistics come from per-(batch, chunk of rows, channel) sums. Both
 // passes run over the chunks in parallel (forward_channels_last_impl, backward_...).
 //
+// group_norm_silu_apply: pass 2 alone, with the caller's statistics (of a whole tensor, applied
+// to a depth slab of it), over the same spans, read from x and written to out at their own
+// batch (and channel) strides, so slabs of either layout need no copies (apply_impl).
+//
 // The element loops (group_norm_silu_loops.h) are plain loops that GCC vectorises, compiled for
 // AVX-512, AVX2 and baseline x86-64; each call runs the copy that cpu_isa() chose (vec.h).
 #include <ATen/Dispatch.h>

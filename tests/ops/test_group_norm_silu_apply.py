@@ -215,6 +215,14 @@ def test_refuses_grad_under_grad_mode():
     with torch.no_grad():  # fine without grad mode, and the result has no history
         out = group_norm_silu_apply(inputs["x"], mean, rstd, inputs["add"], weight, inputs["bias"], 2)
     assert out.grad_fn is None and not out.requires_grad
+    # the compiled ops refuse too (csrc/cpu/group_norm_silu_autograd.cpp), functional and out=
+    args = (inputs["x"], mean, rstd, inputs["add"], weight, inputs["bias"], 2)
+    with pytest.raises(RuntimeError, match="group_norm_silu_apply is not differentiable: weight requires grad"):
+        torch.ops.patchddm.group_norm_silu_apply(*args)
+    with pytest.raises(RuntimeError, match="group_norm_silu_apply_out is not differentiable: weight requires grad"):
+        torch.ops.patchddm.group_norm_silu_apply_out(*args, torch.empty_like(inputs["x"]))
+    with torch.no_grad():
+        assert torch.equal(torch.ops.patchddm.group_norm_silu_apply(*args), out)
 
 
 # -- fake tensors, opcheck ------------------------------------------------------------------------
@@ -307,3 +315,26 @@ def test_compiled_kernel_checks_its_own_inputs():
         apply_out(x, mean, rstd, None, None, None, 3, torch.empty_like(x, dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match="unsupported operation"):  # ATen's overlap check
         apply_out(x, mean, rstd, None, None, None, 3, torch.empty(1, 6, 4, 3, 3).expand(2, 6, 4, 3, 3))
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_compile_fullgraph(device, backend, layout):
+    # As the README says of every op: torch.compile(fullgraph=True) traces it, slab and out= too.
+    inputs = make((2, 4, 6, 3, 2), torch.float32, layout)
+    _, mean, rstd = forward(inputs, 2)
+
+    def f(x, mean, rstd, add, weight, bias, out):
+        y = group_norm_silu_apply(x[:, :, 1:3], mean, rstd, add, weight, bias, 2, backend=backend)
+        group_norm_silu_apply(x[:, :, 3:5], mean, rstd, add, weight, bias, 2, out[:, :, 0:2], backend=backend)
+        return y * 2
+
+    args = (inputs["x"], mean, rstd, inputs["add"], inputs["weight"], inputs["bias"])
+    out, expected_out = (torch.zeros(2, 4, 3, 3, 2).contiguous(memory_format=LAYOUTS[layout]) for _ in range(2))
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        value = compiled(*args, out)
+        expected = f(*args, expected_out)
+    # the same kernel on the same values; the plane of out that f leaves alone stays zero
+    assert torch.equal(value, expected) and torch.equal(out, expected_out) and not out[:, :, 2].any()
+    assert out[:, :, :2].ne(0).all()
