@@ -17,6 +17,18 @@ def test_one_round_at_the_smallest_level(capsys):
     assert printed.startswith(norm_levels.HEADER) and printed.count("\n| 1 | ") == 2
 
 
+
+def test_channels_last_layout_feeds_both_sides_channels_last(capsys):
+    x, _, _, grad = norm_levels.inputs(16, norm_levels.torch.float32, "channels_last")
+    channels_last = norm_levels.torch.channels_last_3d
+    assert x.is_contiguous(memory_format=channels_last) and not x.is_contiguous()
+    assert grad.is_contiguous(memory_format=channels_last)
+    results = norm_levels.main(["--threads", "1", "--levels", "16", "--rounds", "1", "--modes", "forward",
+                                "--dtypes", "float32", "--layout", "channels_last"])
+    assert [r["layout"] for r in results] == ["channels_last"]
+    assert "| 1 | channels_last | float32 | forward |" in capsys.readouterr().out
+
+
 def test_upsample_parity_benchmark_runs():
     from benchmarks import upsample_parity
 

@@ -18,6 +18,18 @@
 // and dz * xhat per chunk (float and double keep dz in grad_input's buffer); pass 2 writes
 // grad_input from those group sums.
 //
+// Channels last (x channels_last / channels_last_3d, (B, S, C) in memory: what the trainer feeds
+// CPUs, and how ATen's GroupNorm computes it natively): the same formulas, computed in place
+// with no layout copies; skip and the gradients must lie as x (the Python op and the autograd
+// make them so). A channel is then strided, so the loops run over whole rows, channel
+// innermost, with the per-channel constants repeated in a pattern of rows that fills whole
+// vectors (RowChunks); statistics come from per-(batch, chunk of rows, channel) sums. Both
+// passes run over the chunks in parallel (forward_channels_last_impl, backward_...).
+//
+// group_norm_silu_apply: pass 2 alone, with the caller's statistics (of a whole tensor, applied
+// to a depth slab of it), over the same spans, read from x and written to out at their own
+// batch (and channel) strides, so slabs of either layout need no copies (apply_impl).
+//
 // The element loops (group_norm_silu_loops.h) are plain loops that GCC vectorises, compiled for
 // AVX-512, AVX2 and baseline x86-64; each call runs the copy that cpu_isa() chose (vec.h).
 #include <ATen/Dispatch.h>
@@ -32,6 +44,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <numeric>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -79,6 +92,46 @@ struct Units {
       const int64_t bc = u / per_channel, start = (u % per_channel) * chunk;
       f(u, bc, bc * spatial + start, std::min(chunk, spatial - start));
     }
+  }
+};
+
+// Channels last: each batch entry is S rows of C channels, split into chunks of whole rows,
+// the (batch, chunk) units (every thread gets a share of a batch of one). A chunk holds whole
+// patterns of `period` elements (k rows, k = 16 / gcd(C, 16): a multiple of 16 elements, the
+// vector width of float on AVX-512), about kChunk elements, at most 1024 patterns so that each
+// float accumulator of a pattern position sums at most 1024 elements before the double fold.
+// The split depends on the shape only, not on the threads: the same bits on any number.
+struct RowChunks {
+  int64_t batch, rows, channels, period, chunk_rows, per_batch;
+  RowChunks(int64_t b, int64_t s, int64_t c) : batch(b), rows(s), channels(c) {
+    int64_t k = 16 / std::gcd<int64_t>(c, 16);
+    if (c * k > 8192) k = 1;  // many odd channels: a pattern of one row is long enough
+    period = c * k;
+    chunk_rows = k * std::clamp<int64_t>(kChunk / period, 1, 1024);
+    per_batch = s == 0 ? 0 : (s + chunk_rows - 1) / chunk_rows;
+  }
+  int64_t count() const { return batch * per_batch; }
+  // Calls f(unit, batch index, offset of the chunk in the tensor, its length in elements).
+  template <typename F>
+  void for_each(int64_t begin, int64_t end, F&& f) const {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t b = u / per_batch, row = (u % per_batch) * chunk_rows;
+      f(u, b, (b * rows + row) * channels, std::min(chunk_rows, rows - row) * channels);
+    }
+  }
+  // Runs f over every unit in parallel, one unit per task at least (a unit is ~kChunk elements).
+  template <typename F>
+  void parallel(F&& f) const {
+    at::parallel_for(0, count(), std::max<int64_t>(1, kGrain / (chunk_rows * channels)),
+                     [&](int64_t begin, int64_t end) { for_each(begin, end, f); });
+  }
+  // values (B * C, per (batch, channel)) repeated over the pattern: (B, period).
+  template <typename A>
+  std::vector<A> pattern(const std::vector<A>& values) const {
+    std::vector<A> out(batch * period);
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t j = 0; j < period; ++j) out[b * period + j] = values[b * channels + j % channels];
+    return out;
   }
 };
 
@@ -145,6 +198,23 @@ std::vector<A> values_or(const std::optional<at::Tensor>& t, int64_t n, A fill) 
   return std::vector<A>(p, p + n);
 }
 
+// The constants of y = silu(a * scale + shift) for the channels of group bg (a (batch, group)
+// index) from its stored statistics: scale = rstd w, shift = (add - mean) scale + bias, in
+// double from the float32 (float64) mean and rstd. The forward and group_norm_silu_apply both
+// compute them here, so apply given the forward's statistics gives the forward's bits.
+template <typename A>
+void group_constants(int64_t bg, int64_t channels, int64_t per_group, const A* mean, const A* rstd,
+                     const std::vector<double>& add, const std::vector<A>& w, const std::vector<A>& b, A* scale,
+                     A* shift) {
+  const double m = static_cast<double>(mean[bg]), r = static_cast<double>(rstd[bg]);
+  for (int64_t bc = bg * per_group; bc < (bg + 1) * per_group; ++bc) {
+    const int64_t c = bc % channels;
+    const double k = r * w[c];
+    scale[bc] = static_cast<A>(k);
+    shift[bc] = static_cast<A>((add[bc] - m) * k + b[c]);
+  }
+}
+
 // -- forward ----------------------------------------------------------------------------------
 
 template <typename T>
@@ -181,7 +251,8 @@ void forward_impl(const at::Tensor& x, const std::optional<at::Tensor>& skip,
   };
 
   // Channel moments, combined per group (Chan et al.): M2 = sum M2_c + S sum (mean_c - mean)^2.
-  // Then y = silu(a * A + B) with A = rstd w, B = (add - mean) A + bias, from the stored stats.
+  // Then y = silu(a * A + B) with A = rstd w, B = (add - mean) A + bias, from the stored stats
+  // (group_constants).
   const double n_group = static_cast<double>(Cg * S);
   std::vector<double> ch_mean(bc_count), ch_m2(bc_count);
   std::vector<acc> scale(bc_count), offset_v(bc_count);
@@ -208,12 +279,7 @@ void forward_impl(const at::Tensor& x, const std::optional<at::Tensor>& skip,
     const double var = n_group > 0 ? m2 / n_group : 0.0;
     mean_p[bg] = static_cast<acc>(m);
     rstd_p[bg] = static_cast<acc>(1.0 / std::sqrt(var + eps));
-    for (int64_t bc = c0; bc < c0 + Cg; ++bc) {
-      const int64_t c = bc % d.channels;
-      const double A = static_cast<double>(rstd_p[bg]) * w[c];
-      scale[bc] = static_cast<acc>(A);
-      offset_v[bc] = static_cast<acc>((add_v[bc] - static_cast<double>(mean_p[bg])) * A + b[c]);
-    }
+    group_constants(bg, d.channels, Cg, mean_p, rstd_p, add_v, w, b, scale.data(), offset_v.data());
   };
   auto* yp = mutable_storage_ptr<T>(y);
   auto apply_unit = [&](int64_t, int64_t bc, int64_t offset, int64_t len) {
@@ -222,17 +288,105 @@ void forward_impl(const at::Tensor& x, const std::optional<at::Tensor>& skip,
   run_passes(units, d.batch * d.groups, Cg, stats_unit, finish_group, apply_unit);
 }
 
+// The forward on channels-last tensors: the same statistics, from per-(batch, chunk, channel)
+// sums of (a - shift) and (a - shift)^2; pass 1 over every chunk in parallel, the group
+// statistics, pass 2 over every chunk in parallel.
+template <typename T>
+void forward_channels_last_impl(const at::Tensor& x, const std::optional<at::Tensor>& skip,
+                                const std::optional<at::Tensor>& add, const std::optional<at::Tensor>& weight,
+                                const std::optional<at::Tensor>& bias, const GroupNormDims& d, double eps,
+                                at::Tensor& y, at::Tensor& average, at::Tensor& mean, at::Tensor& rstd) {
+  using E = Elem<T>;
+  using acc = typename E::acc;
+  const cpu::Isa choice = cpu::cpu_isa();
+  const int64_t C = d.channels, S = d.spatial, Cg = d.per_group(), bc_count = d.batch * C;
+  const auto* xp = storage_ptr<T>(x);
+  const auto* sp = skip.has_value() ? storage_ptr<T>(*skip) : nullptr;
+  auto* ap = skip.has_value() ? mutable_storage_ptr<T>(average) : nullptr;
+  const auto* a_read = skip.has_value() ? ap : xp;
+  const std::vector<double> add_v = values_or<double>(add, bc_count, 0.0);
+  const std::vector<acc> w = values_or<acc>(weight, C, acc(1));
+  const std::vector<acc> b = values_or<acc>(bias, C, acc(0));
+  auto* mean_p = mean.mutable_data_ptr<acc>();
+  auto* rstd_p = rstd.mutable_data_ptr<acc>();
+
+  const RowChunks units(d.batch, S, C);
+  const int64_t P = units.period;
+  // shift: each channel's first value (voxel 0 of its batch entry), as the contiguous kernel.
+  std::vector<acc> shift(bc_count);
+  for (int64_t bc = 0; bc < bc_count; ++bc) {
+    const int64_t i = (bc / C) * S * C + bc % C;
+    shift[bc] = sp ? E::load(E::store((E::load(xp[i]) + E::load(sp[i])) * acc(0.5))) : E::load(xp[i]);
+  }
+  const std::vector<acc> shift_p = units.pattern(shift);
+  std::vector<double> sums(units.count() * C * 2, 0.0);  // (unit, channel, {sum, sum of squares})
+  units.parallel([&](int64_t u, int64_t bi, int64_t offset, int64_t len) {
+    std::vector<acc> accs(2 * P, acc(0));  // per unit of ~kChunk elements: the allocation is noise
+    PATCHDDM_DISPATCH_ISA(choice, isa::cl_stats_span<T>(xp + offset, sp ? sp + offset : nullptr,
+                                                        ap ? ap + offset : nullptr, len, P, &shift_p[bi * P],
+                                                        accs.data(), accs.data() + P));
+    double* out = &sums[u * C * 2];
+    for (int64_t j = 0; j < P; ++j) {
+      out[(j % C) * 2] += accs[j];
+      out[(j % C) * 2 + 1] += accs[P + j];
+    }
+  });
+
+  // Channel moments summed over the chunks, combined per group as the contiguous kernel does.
+  const double n_group = static_cast<double>(Cg * S);
+  std::vector<acc> scale(bc_count), offset_v(bc_count);
+  std::vector<double> ch_mean(bc_count), ch_m2(bc_count);
+  for (int64_t bc = 0; bc < bc_count; ++bc) {
+    const int64_t bi = bc / C, c = bc % C;
+    double s = 0, q = 0;
+    for (int64_t k = 0; k < units.per_batch; ++k) {
+      s += sums[((bi * units.per_batch + k) * C + c) * 2];
+      q += sums[((bi * units.per_batch + k) * C + c) * 2 + 1];
+    }
+    const double m = S > 0 ? s / S : 0.0;
+    ch_mean[bc] = static_cast<double>(shift[bc]) + m + add_v[bc];
+    ch_m2[bc] = std::max(0.0, q - s * m);
+  }
+  for (int64_t bg = 0; bg < d.batch * d.groups; ++bg) {
+    const int64_t c0 = bg * Cg;
+    double m = 0;
+    for (int64_t c = 0; c < Cg; ++c) m += ch_mean[c0 + c];
+    m /= Cg;
+    double m2 = 0;
+    for (int64_t c = 0; c < Cg; ++c) {
+      const double dm = ch_mean[c0 + c] - m;
+      m2 += ch_m2[c0 + c] + S * dm * dm;
+    }
+    const double var = n_group > 0 ? m2 / n_group : 0.0;
+    mean_p[bg] = static_cast<acc>(m);
+    rstd_p[bg] = static_cast<acc>(1.0 / std::sqrt(var + eps));
+    group_constants(bg, C, Cg, mean_p, rstd_p, add_v, w, b, scale.data(), offset_v.data());
+  }
+
+  const std::vector<acc> scale_p = units.pattern(scale), offset_p = units.pattern(offset_v);
+  auto* yp = mutable_storage_ptr<T>(y);
+  units.parallel([&](int64_t, int64_t bi, int64_t offset, int64_t len) {
+    PATCHDDM_DISPATCH_ISA(choice, isa::cl_apply_span<T>(a_read + offset, yp + offset, len, P, &scale_p[bi * P],
+                                                        &offset_p[bi * P]));
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_forward_cpu(
     const at::Tensor& x, const std::optional<at::Tensor>& skip, const std::optional<at::Tensor>& add,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, int64_t groups,
     double eps) {
   const GroupNormDims d =
-      check_group_norm_silu_forward("patchddm::group_norm_silu_forward", x, skip, add, weight, bias, groups, eps);
+      check_group_norm_silu_forward("patchddm::group_norm_silu_forward", x, skip, add, weight, bias, groups, eps,
+                                    /*channels_last=*/true);
   at::Tensor y, average, mean, rstd;
   std::tie(y, average, mean, rstd) = group_norm_silu_forward_outputs(x, skip.has_value(), d, eps);
   if (x.numel() == 0) return {y, average, mean, rstd};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_silu_forward_cpu", [&] {
-    forward_impl<scalar_t>(x, skip, add, weight, bias, d, eps, y, average, mean, rstd);
+    if (d.channels_last()) {
+      forward_channels_last_impl<scalar_t>(x, skip, add, weight, bias, d, eps, y, average, mean, rstd);
+    } else {
+      forward_impl<scalar_t>(x, skip, add, weight, bias, d, eps, y, average, mean, rstd);
+    }
   });
   return {y, average, mean, rstd};
 }
@@ -367,25 +521,211 @@ void backward_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& 
   }
 }
 
+// The backward on channels-last tensors: per-(batch, chunk, channel) sums of dz, dz * xhat and
+// xhat (float and double keep dz in grad_input's buffer; half-precision types compute it again
+// in pass 2), the group constants, then grad_input, each pass over every chunk in parallel.
+template <typename T>
+void backward_channels_last_impl(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_average,
+                                 const at::Tensor& input, const std::optional<at::Tensor>& add,
+                                 const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                                 const at::Tensor& mean, const at::Tensor& rstd, const GroupNormDims& d,
+                                 double input_scale, at::Tensor& grad_input, at::Tensor& grad_add,
+                                 at::Tensor& grad_weight, at::Tensor& grad_bias) {
+  using E = Elem<T>;
+  using acc = typename E::acc;
+  const cpu::Isa choice = cpu::cpu_isa();
+  const int64_t C = d.channels, S = d.spatial, Cg = d.per_group(), bc_count = d.batch * C;
+  const auto* dyp = storage_ptr<T>(grad_out);
+  const auto* ap = storage_ptr<T>(input);
+  const auto* gap = grad_average.has_value() ? storage_ptr<T>(*grad_average) : nullptr;
+  const std::vector<double> add_v = values_or<double>(add, bc_count, 0.0);
+  const std::vector<acc> w = values_or<acc>(weight, C, acc(1));
+  const std::vector<acc> b = values_or<acc>(bias, C, acc(0));
+  const auto* mean_p = mean.const_data_ptr<acc>();
+  const auto* rstd_p = rstd.const_data_ptr<acc>();
+
+  std::vector<acc> q(bc_count), r(bc_count), wb(bc_count), bb(bc_count);
+  for (int64_t bc = 0; bc < bc_count; ++bc) {
+    const int64_t bg = bc / Cg;
+    q[bc] = static_cast<acc>((add_v[bc] - static_cast<double>(mean_p[bg])) * static_cast<double>(rstd_p[bg]));
+    r[bc] = rstd_p[bg];
+    wb[bc] = w[bc % C];
+    bb[bc] = b[bc % C];
+  }
+  const RowChunks units(d.batch, S, C);
+  const int64_t P = units.period;
+  const std::vector<acc> q_p = units.pattern(q), r_p = units.pattern(r), w_p = units.pattern(wb),
+                         b_p = units.pattern(bb);
+
+  auto* gip = mutable_storage_ptr<T>(grad_input);
+  acc* kept = kKeepsDz<T> ? reinterpret_cast<acc*>(gip) : nullptr;
+  std::vector<double> sums(units.count() * C * 3, 0.0);  // (unit, channel, {dz, dz xhat, xhat})
+  units.parallel([&](int64_t u, int64_t bi, int64_t offset, int64_t len) {
+    std::vector<acc> accs(3 * P, acc(0));
+    const int64_t o = bi * P;
+    PATCHDDM_DISPATCH_ISA(choice, isa::cl_grad_stats_span<T, kKeepsDz<T>>(
+                                      dyp + offset, ap + offset, kKeepsDz<T> ? kept + offset : nullptr, len, P,
+                                      &r_p[o], &q_p[o], &w_p[o], &b_p[o], accs.data(), accs.data() + P,
+                                      accs.data() + 2 * P));
+    double* out = &sums[u * C * 3];
+    for (int64_t j = 0; j < P; ++j) {
+      for (int64_t k = 0; k < 3; ++k) out[(j % C) * 3 + k] += accs[k * P + j];
+    }
+  });
+
+  // du = rstd (w dz - m1 - xhat m2), m1 = mean over the group of w dz, m2 of w dz xhat.
+  std::vector<double> s_dz(bc_count, 0.0), s_dzx(bc_count, 0.0), s_x(bc_count, 0.0);
+  for (int64_t bc = 0; bc < bc_count; ++bc) {
+    const int64_t bi = bc / C, c = bc % C;
+    for (int64_t k = 0; k < units.per_batch; ++k) {
+      const double* s = &sums[((bi * units.per_batch + k) * C + c) * 3];
+      s_dz[bc] += s[0];
+      s_dzx[bc] += s[1];
+      s_x[bc] += s[2];
+    }
+  }
+  const double n_group = static_cast<double>(Cg * S);
+  std::vector<acc> c1(bc_count), c2(bc_count), c3(bc_count);
+  auto* gadd = add.has_value() ? grad_add.mutable_data_ptr<acc>() : nullptr;
+  for (int64_t bg = 0; bg < d.batch * d.groups; ++bg) {
+    double m1 = 0, m2 = 0;
+    for (int64_t bc = bg * Cg; bc < (bg + 1) * Cg; ++bc) {
+      m1 += static_cast<double>(w[bc % C]) * s_dz[bc];
+      m2 += static_cast<double>(w[bc % C]) * s_dzx[bc];
+    }
+    m1 = n_group > 0 ? m1 / n_group : 0.0;
+    m2 = n_group > 0 ? m2 / n_group : 0.0;
+    const double rs = static_cast<double>(rstd_p[bg]);
+    for (int64_t bc = bg * Cg; bc < (bg + 1) * Cg; ++bc) {
+      const double k1 = rs * w[bc % C], k2 = -rs * m2, k3 = -rs * m1;
+      c1[bc] = static_cast<acc>(k1);
+      c2[bc] = static_cast<acc>(k2);
+      c3[bc] = static_cast<acc>(k3);
+      if (gadd != nullptr) gadd[bc] = static_cast<acc>(k1 * s_dz[bc] + k2 * s_x[bc] + k3 * S);
+    }
+  }
+
+  const std::vector<acc> c1_p = units.pattern(c1), c2_p = units.pattern(c2), c3_p = units.pattern(c3);
+  const acc scale_in = static_cast<acc>(input_scale);
+  units.parallel([&](int64_t, int64_t bi, int64_t offset, int64_t len) {
+    const int64_t o = bi * P;
+    PATCHDDM_DISPATCH_ISA(choice, isa::cl_grad_apply_span<T, kKeepsDz<T>>(
+                                      dyp + offset, ap + offset, gap ? gap + offset : nullptr, gip + offset, len,
+                                      P, &r_p[o], &q_p[o], &w_p[o], &b_p[o], &c1_p[o], &c2_p[o], &c3_p[o],
+                                      scale_in));
+  });
+
+  if (weight.has_value() || bias.has_value()) {
+    auto* gw = weight.has_value() ? grad_weight.mutable_data_ptr<acc>() : nullptr;
+    auto* gb = bias.has_value() ? grad_bias.mutable_data_ptr<acc>() : nullptr;
+    for (int64_t c = 0; c < C; ++c) {
+      double sw = 0, sb = 0;
+      for (int64_t bi = 0; bi < d.batch; ++bi) {
+        sw += s_dzx[bi * C + c];
+        sb += s_dz[bi * C + c];
+      }
+      if (gw != nullptr) gw[c] = static_cast<acc>(sw);
+      if (gb != nullptr) gb[c] = static_cast<acc>(sb);
+    }
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward_cpu(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_average, const at::Tensor& input,
     const std::optional<at::Tensor>& add, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& rstd,
     int64_t groups, double input_scale) {
   const GroupNormDims d = check_group_norm_silu_backward("patchddm::group_norm_silu_backward", grad_out, grad_average,
-                                                         input, add, weight, bias, mean, rstd, groups);
+                                                         input, add, weight, bias, mean, rstd, groups,
+                                                         /*channels_last=*/true);
 
   const auto acc = group_norm_acc_type(input);
   const auto acc_options = input.options().dtype(acc);
-  at::Tensor grad_input = at::empty_like(input, at::MemoryFormat::Contiguous);
+  at::Tensor grad_input = at::empty_like(input, d.layout);
   at::Tensor grad_add = at::empty(add.has_value() ? at::IntArrayRef({d.batch, d.channels}) : at::IntArrayRef({0}), acc_options);
   at::Tensor grad_weight = at::empty({weight.has_value() ? d.channels : 0}, acc_options);
   at::Tensor grad_bias = at::empty({bias.has_value() ? d.channels : 0}, acc_options);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "group_norm_silu_backward_cpu", [&] {
-    backward_impl<scalar_t>(grad_out, grad_average, input, add, weight, bias, mean, rstd, d, input_scale,
-                            grad_input, grad_add, grad_weight, grad_bias);
+    if (d.channels_last()) {
+      backward_channels_last_impl<scalar_t>(grad_out, grad_average, input, add, weight, bias, mean, rstd, d,
+                                            input_scale, grad_input, grad_add, grad_weight, grad_bias);
+    } else {
+      backward_impl<scalar_t>(grad_out, grad_average, input, add, weight, bias, mean, rstd, d, input_scale,
+                              grad_input, grad_add, grad_weight, grad_bias);
+    }
   });
   return {grad_input, grad_add, grad_weight, grad_bias};
+}
+
+// -- apply with given statistics --------------------------------------------------------------
+
+// group_norm_silu_apply: the forward's pass 2 alone, with the caller's mean and rstd (those of a
+// whole tensor, applied to one depth slab of it). x and out are channel runs (Contiguous) or
+// batch runs of rows (channels last) at their own strides (ApplyLayout); the spans are those of
+// the forward over a tensor of x's shape, each moved to its place in x and in out.
+template <typename T>
+void apply_impl(const at::Tensor& x, const ApplyLayout& xl, const at::Tensor& mean, const at::Tensor& rstd,
+                const std::optional<at::Tensor>& add, const std::optional<at::Tensor>& weight,
+                const std::optional<at::Tensor>& bias, const GroupNormDims& d, const at::Tensor& out,
+                const ApplyLayout& ol) {
+  using acc = typename Elem<T>::acc;
+  const cpu::Isa choice = cpu::cpu_isa();
+  const int64_t C = d.channels, S = d.spatial, bc_count = d.batch * C;
+  const auto* xp = storage_ptr<T>(x);
+  auto* yp = mutable_storage_ptr<T>(out);
+  const std::vector<double> add_v = values_or<double>(add, bc_count, 0.0);
+  const std::vector<acc> w = values_or<acc>(weight, C, acc(1));
+  const std::vector<acc> b = values_or<acc>(bias, C, acc(0));
+  std::vector<acc> scale(bc_count), shift(bc_count);
+  for (int64_t bg = 0; bg < d.batch * d.groups; ++bg) {
+    group_constants(bg, C, d.per_group(), mean.const_data_ptr<acc>(), rstd.const_data_ptr<acc>(), add_v, w, b,
+                    scale.data(), shift.data());
+  }
+  if (!d.channels_last()) {
+    const Units units(bc_count, S);
+    at::parallel_for(0, units.count(), units.grain(), [&](int64_t begin, int64_t end) {
+      units.for_each(begin, end, [&](int64_t, int64_t bc, int64_t offset, int64_t len) {
+        const int64_t bi = bc / C, c = bc % C, start = offset - bc * S;
+        PATCHDDM_DISPATCH_ISA(choice, isa::apply_span<T>(xp + bi * xl.batch_stride + c * xl.channel_stride + start,
+                                                         yp + bi * ol.batch_stride + c * ol.channel_stride + start,
+                                                         len, scale[bc], shift[bc]));
+      });
+    });
+    return;
+  }
+  const RowChunks units(d.batch, S, C);
+  const int64_t P = units.period;
+  const std::vector<acc> scale_p = units.pattern(scale), shift_p = units.pattern(shift);
+  units.parallel([&](int64_t, int64_t bi, int64_t offset, int64_t len) {
+    const int64_t start = offset - bi * S * C;  // whole rows from the batch entry's first
+    PATCHDDM_DISPATCH_ISA(choice, isa::cl_apply_span<T>(xp + bi * xl.batch_stride + start,
+                                                        yp + bi * ol.batch_stride + start, len, P,
+                                                        &scale_p[bi * P], &shift_p[bi * P]));
+  });
+}
+
+void group_norm_silu_apply_out_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+                                   const std::optional<at::Tensor>& add, const std::optional<at::Tensor>& weight,
+                                   const std::optional<at::Tensor>& bias, int64_t groups, const at::Tensor& out) {
+  const auto [d, xl, ol] = check_group_norm_silu_apply("patchddm::group_norm_silu_apply_out", x, mean, rstd, add,
+                                                       weight, bias, groups, out);
+  if (x.numel() == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_silu_apply_cpu", [&] {
+    apply_impl<scalar_t>(x, xl, mean, rstd, add, weight, bias, d, out, *ol);
+  });
+}
+
+at::Tensor group_norm_silu_apply_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+                                     const std::optional<at::Tensor>& add, const std::optional<at::Tensor>& weight,
+                                     const std::optional<at::Tensor>& bias, int64_t groups) {
+  const auto [d, xl, ol] = check_group_norm_silu_apply("patchddm::group_norm_silu_apply", x, mean, rstd, add,
+                                                       weight, bias, groups, std::nullopt);
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(d.layout));  // x's layout, packed
+  if (x.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_silu_apply_cpu", [&] {
+    apply_impl<scalar_t>(x, xl, mean, rstd, add, weight, bias, d, out, *apply_layout_as(out, d.layout));
+  });
+  return out;
 }
 
 }  // namespace
@@ -393,6 +733,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backw
 TORCH_LIBRARY_IMPL(patchddm, CPU, m) {
   m.impl("group_norm_silu_forward", &group_norm_silu_forward_cpu);
   m.impl("group_norm_silu_backward", &group_norm_silu_backward_cpu);
+  m.impl("group_norm_silu_apply", &group_norm_silu_apply_cpu);
+  m.impl("group_norm_silu_apply_out", &group_norm_silu_apply_out_cpu);
 }
 
 }  // namespace patchddm

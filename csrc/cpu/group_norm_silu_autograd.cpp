@@ -1,5 +1,6 @@
 // Autograd of patchddm::group_norm_silu_forward, in C++ for every device (the Autograd key),
-// with the gradients from patchddm::group_norm_silu_backward.
+// with the gradients from patchddm::group_norm_silu_backward; and the refusal of
+// group_norm_silu_apply(_out), which have none, to run on tensors that require grad.
 //
 // It does what patchddm_fast/ops/group_norm_silu.py's register_autograd does for the Triton
 // ops (the same saved tensors, the same outputs), without Python on the way: measured on the
@@ -14,6 +15,8 @@
 
 #include <optional>
 #include <tuple>
+
+#include "../group_norm_silu_args.h"
 
 namespace patchddm {
 namespace {
@@ -72,9 +75,12 @@ class GroupNormSiLUFunction : public torch::autograd::Function<GroupNormSiLUFunc
     const at::Tensor &input = saved[0], &add = saved[1], &weight = saved[2], &bias = saved[3];
     const bool has_skip = ctx->saved_data["has_skip"].toBool();
     const int64_t groups = ctx->saved_data["groups"].toInt();
-    const at::Tensor grad_out = grads[0].defined() ? grads[0].contiguous() : at::zeros_like(input);
+    // The gradients in the saved input's layout, which the kernels read them in (the CPU kernel
+    // reads channels-last tensors as they are; the CUDA one gets contiguous inputs only).
+    const at::MemoryFormat layout = group_norm_layout(input);
+    const at::Tensor grad_out = grads[0].defined() ? grads[0].contiguous(layout) : at::zeros_like(input, layout);
     std::optional<at::Tensor> grad_average;
-    if (has_skip && grads[1].defined()) grad_average = grads[1].contiguous();
+    if (has_skip && grads[1].defined()) grad_average = grads[1].contiguous(layout);
     auto [grad_input, grad_add, grad_weight, grad_bias] =
         call_backward(grad_out, grad_average, input, optional(add), optional(weight), optional(bias), saved[4],
                       saved[5], groups, has_skip ? 0.5 : 1.0);
@@ -95,10 +101,29 @@ Outputs group_norm_silu_forward_autograd(const at::Tensor& x, const std::optiona
   return {out[0], out[1], out[2], out[3]};
 }
 
+// group_norm_silu_apply(_out) have no gradient: on a tensor that requires grad while grad mode
+// is on they refuse, as the Python op does, rather than return a result whose gradient would
+// silently be missing (PyTorch's fallback only warns, at backward); else they run below autograd.
+void apply_without_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  if (at::GradMode::is_enabled()) {
+    const auto& args = op.schema().arguments();
+    for (size_t i = 0; i < args.size(); ++i) {
+      const c10::IValue& value = (*stack)[stack->size() - args.size() + i];
+      TORCH_CHECK(!(value.isTensor() && value.toTensor().requires_grad()), op.schema().name(),
+                  " is not differentiable: ", args[i].name(),
+                  " requires grad; call it under torch.no_grad() (or pass detached tensors)");
+    }
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(patchddm, Autograd, m) {
   m.impl("group_norm_silu_forward", &group_norm_silu_forward_autograd);
+  m.impl("group_norm_silu_apply", torch::CppFunction::makeFromBoxedFunction<&apply_without_autograd>());
+  m.impl("group_norm_silu_apply_out", torch::CppFunction::makeFromBoxedFunction<&apply_without_autograd>());
 }
 
 }  // namespace patchddm

@@ -200,3 +200,136 @@ void grad_apply_dz_span(const typename Elem<T>::storage* __restrict a,
     }
   }
 }
+
+// -- channels-last (NDHWC) loops --------------------------------------------------------------
+// Each runs over a span of whole rows (one voxel's C channels each, channel innermost) as a
+// flat array. What varies per channel comes as a pattern of `period` elements: a whole number
+// of rows, mostly a multiple of 16, so that the inner loop is long and runs in full vectors
+// however many channels there are (29 channels: 16 rows, 464 elements). Element o + j of a
+// span is channel j % C, so the per-channel sums accumulate per pattern position (float
+// accumulators of period elements, zeroed by the caller, who folds them into channels).
+
+// Sums of (a - shift) and its square per position; a = x, or the rounded average written to avg.
+template <typename T>
+void cl_stats_span(const typename Elem<T>::storage* __restrict x, const typename Elem<T>::storage* __restrict skip,
+                   typename Elem<T>::storage* __restrict avg, int64_t n, int64_t period,
+                   const typename Elem<T>::acc* __restrict shift, typename Elem<T>::acc* __restrict sum,
+                   typename Elem<T>::acc* __restrict sum_sq) {
+  using E = Elem<T>;
+  using acc = typename E::acc;
+  for (int64_t o = 0; o < n; o += period) {
+    const int64_t m = std::min(period, n - o);
+    const auto* __restrict xo = x + o;
+    if (skip != nullptr) {
+      const auto* __restrict so = skip + o;
+      auto* __restrict ao = avg + o;
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) {
+        const auto rounded = E::store((E::load(xo[j]) + E::load(so[j])) * acc(0.5));
+        ao[j] = rounded;
+        const acc d = E::load(rounded) - shift[j];
+        sum[j] += d;
+        sum_sq[j] += d * d;
+      }
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) {
+        const acc d = E::load(xo[j]) - shift[j];
+        sum[j] += d;
+        sum_sq[j] += d * d;
+      }
+    }
+  }
+}
+
+// y = silu(a * scale + shift), scale and shift per position.
+template <typename T>
+void cl_apply_span(const typename Elem<T>::storage* __restrict a, typename Elem<T>::storage* __restrict y,
+                   int64_t n, int64_t period, const typename Elem<T>::acc* __restrict scale,
+                   const typename Elem<T>::acc* __restrict shift) {
+  using E = Elem<T>;
+  using acc = typename E::acc;
+  for (int64_t o = 0; o < n; o += period) {
+    const int64_t m = std::min(period, n - o);
+    const auto* __restrict ao = a + o;
+    auto* __restrict yo = y + o;
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) {
+      const acc z = E::load(ao[j]) * scale[j] + shift[j];
+      yo[j] = E::store(silu(z));
+    }
+  }
+}
+
+// Per position sums of dz, dz * xhat and xhat, xhat = a * rstd + q; with KEEP, dz is also
+// written to dz_out (float and double: grad_input's buffer).
+template <typename T, bool KEEP>
+void cl_grad_stats_span(const typename Elem<T>::storage* __restrict dy, const typename Elem<T>::storage* __restrict a,
+                        typename Elem<T>::acc* __restrict dz_out, int64_t n, int64_t period,
+                        const typename Elem<T>::acc* __restrict rstd, const typename Elem<T>::acc* __restrict q,
+                        const typename Elem<T>::acc* __restrict w, const typename Elem<T>::acc* __restrict b,
+                        typename Elem<T>::acc* __restrict sum_dz, typename Elem<T>::acc* __restrict sum_dz_xhat,
+                        typename Elem<T>::acc* __restrict sum_xhat) {
+  using E = Elem<T>;
+  using acc = typename E::acc;
+  for (int64_t o = 0; o < n; o += period) {
+    const int64_t m = std::min(period, n - o);
+    const auto* __restrict dyo = dy + o;
+    const auto* __restrict ao = a + o;
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) {
+      const acc xhat = E::load(ao[j]) * rstd[j] + q[j];
+      const acc dz = grad_z<T>(E::load(dyo[j]), xhat * w[j] + b[j]);
+      if constexpr (KEEP) dz_out[o + j] = dz;
+      sum_dz[j] += dz;
+      sum_dz_xhat[j] += dz * xhat;
+      sum_xhat[j] += xhat;
+    }
+  }
+}
+
+// grad = scale_in * (c1 * dz + c2 * xhat + c3 + grad_average): in place over the kept dz when
+// KEPT (float, double), else with dz computed again from dy (half-precision types).
+template <typename T, bool KEPT>
+void cl_grad_apply_span(const typename Elem<T>::storage* __restrict dy, const typename Elem<T>::storage* __restrict a,
+                        const typename Elem<T>::storage* __restrict grad_avg,
+                        typename Elem<T>::storage* __restrict grad_in, int64_t n, int64_t period,
+                        const typename Elem<T>::acc* __restrict rstd, const typename Elem<T>::acc* __restrict q,
+                        const typename Elem<T>::acc* __restrict w, const typename Elem<T>::acc* __restrict b,
+                        const typename Elem<T>::acc* __restrict c1, const typename Elem<T>::acc* __restrict c2,
+                        const typename Elem<T>::acc* __restrict c3, typename Elem<T>::acc scale_in) {
+  using E = Elem<T>;
+  using acc = typename E::acc;
+  for (int64_t o = 0; o < n; o += period) {
+    const int64_t m = std::min(period, n - o);
+    const auto* __restrict ao = a + o;
+    auto* __restrict go = grad_in + o;
+    const auto* __restrict dyo = dy + o;
+    const auto* __restrict gao = grad_avg != nullptr ? grad_avg + o : nullptr;
+    if (gao != nullptr) {
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) {
+        const acc xhat = E::load(ao[j]) * rstd[j] + q[j];
+        acc dz;
+        if constexpr (KEPT) {
+          dz = go[j];
+        } else {
+          dz = grad_z<T>(E::load(dyo[j]), xhat * w[j] + b[j]);
+        }
+        go[j] = E::store(scale_in * (c1[j] * dz + c2[j] * xhat + c3[j] + E::load(gao[j])));
+      }
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) {
+        const acc xhat = E::load(ao[j]) * rstd[j] + q[j];
+        acc dz;
+        if constexpr (KEPT) {
+          dz = go[j];
+        } else {
+          dz = grad_z<T>(E::load(dyo[j]), xhat * w[j] + b[j]);
+        }
+        go[j] = E::store(scale_in * (c1[j] * dz + c2[j] * xhat + c3[j]));
+      }
+    }
+  }
+}

@@ -27,6 +27,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_forwa
     const at::Tensor& x, const std::optional<at::Tensor>& skip, const std::optional<at::Tensor>& add,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, int64_t groups,
     double eps) {
+  // Contiguous tensors only (the default of the checks): the Python op copies channels-last
+  // inputs to contiguous for this kernel, which has no channels-last loops (the CPU one has).
   const GroupNormDims d =
       check_group_norm_silu_forward("patchddm::group_norm_silu_forward", x, skip, add, weight, bias, groups, eps);
   c10::cuda::CUDAGuard guard(x.device());

@@ -33,7 +33,8 @@ class FusedGroupNormSiLU(nn.Module):
     add, a (B, C) tensor, is added per (batch, channel) before normalising; with skip the
     input is first averaged with it, (x + skip) / 2, and (average, y) is returned instead of y.
     Statistics are float32 for every input dtype; the output has x's dtype and memory format.
-    The fused op computes in NCDHW-contiguous (copies there and back for channels_last inputs).
+    On the CPU the fused op computes channels_last(_3d) inputs in their layout, with no copies;
+    the CUDA and Triton kernels copy them to contiguous and back (see ops.group_norm_silu).
     """
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,

@@ -48,10 +48,13 @@ TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 class FastOp:
     """The backends of one public op.
 
-    name: the op's one name: its Python module patchddm_fast.ops.<name>, its Triton module
-        patchddm_fast.ops.triton.<name>, its kernels csrc/cpu/<name>.cpp and csrc/cuda/<name>.cu;
+    name: the op's one name;
+    module: the name of its files (default: name): its Python module patchddm_fast.ops.<module>,
+        its Triton module patchddm_fast.ops.triton.<module>, its kernels csrc/cpu/<module>.cpp
+        and csrc/cuda/<module>.cu (group_norm_silu_apply lives with group_norm_silu);
     native: name of the patchddm::<native> schema whose kernels stand for the op in _C;
-    cuda_order: preference on CUDA tensors, fastest first.
+    cuda_order: preference on CUDA tensors, fastest first; an op without a CUDA kernel leaves
+        "cuda" out.
 
     Availability and defaults are worked out once, when patchddm_fast.ops has been imported
     (finalize), so that choosing a backend at call time is a dictionary lookup that
@@ -61,9 +64,9 @@ class FastOp:
     registry: dict[str, "FastOp"] = {}
 
     def __init__(self, name: str, native: str,
-                 cuda_order: tuple[str, ...] = ("cuda", "triton", "torch")):
+                 cuda_order: tuple[str, ...] = ("cuda", "triton", "torch"), module: str | None = None):
         self.name, self.native, self.cuda_order = name, native, cuda_order
-        self._triton_module_name = f"patchddm_fast.ops.triton.{name}"
+        self._triton_module_name = f"patchddm_fast.ops.triton.{module or name}"
         self._why: dict[tuple[str, str], str | None] = {}
         self._default: dict[str, str] = {}
         FastOp.registry[name] = self
@@ -91,6 +94,8 @@ class FastOp:
     def _probe(self, backend: str, device_type: str, triton_error: str | None) -> str | None:
         if backend == "torch":
             return None
+        if backend == "cuda" and "cuda" not in self.cuda_order:
+            return f"{self.name} has no CUDA kernel (CUDA tensors run it on {self.cuda_order[0]})"
         if backend in ("cpp", "cuda"):
             key = "CPU" if backend == "cpp" else "CUDA"
             if not EXTENSION.loaded:

@@ -1,4 +1,5 @@
-"""GroupNorm + SiLU, with the timestep bias and the averaging skip fused in.
+"""GroupNorm + SiLU, with the timestep bias and the averaging skip fused in; and its second
+pass alone with given statistics (group_norm_silu_apply, below).
 
     average = (x + skip) / 2                      (only when skip is given)
     u       = (average or x) + add[b, c]          (only when add is given)
@@ -27,6 +28,10 @@ from ._checks import check_contiguous, check_like, check_tensor, opmath_dtype
 
 OP = FastOp("group_norm_silu", native="group_norm_silu_forward")
 NAME = "group_norm_silu"
+# No CUDA kernel: the CUDA forward's apply kernel reads packed (B, C, S) tensors only, not slabs.
+APPLY_OP = FastOp("group_norm_silu_apply", native="group_norm_silu_apply", cuda_order=("triton", "torch"),
+                  module="group_norm_silu")
+APPLY_NAME = "group_norm_silu_apply"
 
 
 def group_norm_silu_reference(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int,
@@ -125,13 +130,25 @@ def group_norm_silu(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
     for a channels_last_3d x, as F.group_norm), the gradients of x and skip in theirs.
     Statistics are float32 (float64 for float64 inputs). Differentiable in x, skip, add,
     weight and bias.
+
+    Layouts: the compiled CPU kernel computes on channels-last (channels_last / _3d) tensors as
+    they are, with no copies (a skip in another layout than x is copied to x's). The CUDA and
+    Triton kernels read contiguous tensors only, and the plain-PyTorch backend stays the
+    contiguous reference: those copy a channels-last x (and skip) to contiguous, the outputs
+    back, and their gradients likewise.
     """
     check_arguments(NAME, x, skip, add, weight, bias, groups, eps)
     groups, eps = operator.index(groups), float(eps)
     choice = OP.resolve(x.device, backend)
-    # Every backend computes in the contiguous layout, which the kernels read: a channels-last
-    # x (or skip) is copied there, the outputs back, and their gradients too.
     layout = memory_format(x)
+    if layout != torch.contiguous_format and choice == "cpp" and x.device.type == "cpu":
+        # The CPU kernel reads channels-last tensors natively: outputs and gradients come back
+        # in x's layout without copies; only a skip laid out otherwise is made like x.
+        skip = to_layout(skip, layout) if skip is not None else None
+        y, average, _, _ = torch.ops.patchddm.group_norm_silu_forward(x, skip, add, weight, bias, groups, eps)
+        return (average, y) if skip is not None else y
+    # The other backends compute in the contiguous layout, which their kernels read: a
+    # channels-last x (or skip) is copied there, the outputs back, and their gradients too.
     x, skip = to_contiguous(x), to_contiguous(skip) if skip is not None else None
     if choice == "torch":
         outputs = group_norm_silu_reference(x, weight, bias, groups, eps, add, skip)
@@ -157,26 +174,172 @@ def memory_format(t: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-class _Contiguous(torch.autograd.Function):
-    """t.contiguous(), whose gradient comes back in t's memory format (a plain .contiguous()
-    hands back the contiguous gradient of its copy)."""
+class _Relayout(torch.autograd.Function):
+    """t.contiguous(memory_format=target), whose gradient comes back in t's own memory format
+    (a plain .contiguous() hands back the gradient of its copy, in the copy's layout)."""
 
     @staticmethod
-    def forward(t, layout):
-        return t.contiguous()
+    def forward(t, target, layout):
+        return t.contiguous(memory_format=target)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.layout = inputs[1]
+        ctx.layout = inputs[2]
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.contiguous(memory_format=ctx.layout), None
+        return grad.contiguous(memory_format=ctx.layout), None, None
+
+
+def to_layout(t: torch.Tensor, target: torch.memory_format) -> torch.Tensor:
+    """t laid out as `target` (t itself when it already is), its gradient in t's layout."""
+    return t if t.is_contiguous(memory_format=target) else _Relayout.apply(t, target, memory_format(t))
 
 
 def to_contiguous(t: torch.Tensor) -> torch.Tensor:
     layout = memory_format(t)
-    return t if layout == torch.contiguous_format else _Contiguous.apply(t, layout)
+    return t if layout == torch.contiguous_format else _Relayout.apply(t, torch.contiguous_format, layout)
+
+
+# -- the normalisation alone, with given statistics -----------------------------------------------
+
+def _packed_from(t: torch.Tensor, first: int, inner: int) -> bool:
+    """Whether dimensions first.. of t are packed row-major, the innermost with stride `inner`
+    (dimensions of size 1 may have any stride)."""
+    expected = inner
+    for size, stride in zip(reversed(t.shape[first:]), reversed(t.stride()[first:])):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def fits_apply_layout(t: torch.Tensor, layout: torch.memory_format) -> bool:
+    """Whether group_norm_silu_apply's kernels read (or write) t as `layout`: contiguous_format,
+    each (b, c) one packed run of the spatial elements at any batch and channel strides (a
+    contiguous tensor, or a depth slab t[:, :, d0:d1] of one); channels_last(_3d), each batch
+    entry one packed run of rows of C channels at any batch stride (a channels-last tensor, or
+    a depth slab of one). As apply_layout_as in csrc/group_norm_silu_args.h."""
+    if layout == torch.contiguous_format:
+        return _packed_from(t, 2, 1)
+    return (t.shape[1] == 1 or t.stride(1) == 1) and _packed_from(t, 2, t.shape[1])
+
+
+def apply_layout(t: torch.Tensor) -> torch.memory_format | None:
+    """The layout in which group_norm_silu_apply reads t: contiguous_format where it fits, else
+    channels_last(_3d) for a 4-D (5-D) t that fits it, else None (t must be copied first)."""
+    if fits_apply_layout(t, torch.contiguous_format):
+        return torch.contiguous_format
+    channels_last = _CHANNELS_LAST.get(t.dim())
+    return channels_last if channels_last is not None and fits_apply_layout(t, channels_last) else None
+
+
+def apply_constants(mean: torch.Tensor, rstd: torch.Tensor, add: torch.Tensor | None, weight: torch.Tensor | None,
+                    bias: torch.Tensor | None, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift), (B, C) in mean's dtype, of y = silu(x * scale + shift): scale = rstd w,
+    shift = (add - mean) scale + bias, in float64 from weight and bias rounded to mean's dtype,
+    as the CPU kernel computes them (group_constants in csrc/cpu/group_norm_silu.cpp)."""
+    acc = mean.dtype
+    per_group = channels // mean.shape[1]
+    r = rstd.double().repeat_interleave(per_group, dim=1)
+    m = mean.double().repeat_interleave(per_group, dim=1)
+    scale = r * weight.to(acc).double() if weight is not None else r
+    centred = add.double() - m if add is not None else -m
+    shift = centred * scale
+    if bias is not None:
+        shift = shift + bias.to(acc).double()
+    return scale.to(acc), shift.to(acc)
+
+
+def group_norm_silu_apply_reference(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                                    add: torch.Tensor | None, weight: torch.Tensor | None,
+                                    bias: torch.Tensor | None, groups: int) -> torch.Tensor:
+    """Plain-PyTorch group_norm_silu_apply (same arguments but out): the test oracle and the
+    fallback; the result in x's layout as the kernels give it."""
+    scale, shift = apply_constants(mean, rstd, add, weight, bias, x.shape[1])
+    shape = scale.shape + (1,) * (x.dim() - 2)
+    y = F.silu(torch.addcmul(shift.reshape(shape), x.to(mean.dtype), scale.reshape(shape))).to(x.dtype)
+    return y.contiguous(memory_format=apply_layout(x) or torch.contiguous_format)
+
+
+def check_apply_arguments(name: str, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                          add: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                          groups: int, out: torch.Tensor | None = None, *, kernel_layout: bool = False) -> None:
+    """The checks of every group_norm_silu_apply backend (check_group_norm_silu_apply in
+    csrc/group_norm_silu_args.h makes the same for the C++ kernel); kernel_layout: x, out, mean
+    and rstd laid out as the kernels read them (the public op makes them so itself). Refuses
+    inputs that require grad while grad mode is on: the op has no autograd."""
+    check_arguments(name, x, None, add, weight, bias, groups, 1.0)
+    groups = as_groups(name, groups)
+    batch = x.shape[0]
+    acc = opmath_dtype(x.dtype)
+    for label, t in (("mean", mean), ("rstd", rstd)):
+        check_tensor(name, label, t, dtypes=None)
+        if t.shape != (batch, groups) or t.dtype != acc or t.device != x.device:
+            raise ValueError(f"{name}: {label} must be a ({batch}, {groups}) {acc} tensor on {x.device} "
+                             f"(as group_norm_silu_forward returns it), got {tuple(t.shape)} {t.dtype} on {t.device}")
+    if out is not None:
+        check_like(name, "out", out, x, "x")
+    if torch.is_grad_enabled():
+        for label, t in (("x", x), ("mean", mean), ("rstd", rstd), ("add", add), ("weight", weight), ("bias", bias)):
+            if t is not None and t.requires_grad:
+                raise RuntimeError(f"{name} is not differentiable: {label} requires grad; call it under "
+                                   f"torch.no_grad() (or pass detached tensors)")
+    if kernel_layout:
+        layout = apply_layout(x)
+        if layout is None:
+            raise ValueError(f"{name}: x must be contiguous or channels-last (4-D or 5-D), or a depth slab "
+                             f"x[:, :, d0:d1] of either; got shape {tuple(x.shape)} and strides {x.stride()}")
+        if out is not None and not fits_apply_layout(out, layout):
+            raise ValueError(f"{name}: out must be laid out as x, {layout} (or a depth slab of such a tensor); "
+                             f"got strides {out.stride()}")
+        check_contiguous(name, mean=mean, rstd=rstd)
+
+
+def group_norm_silu_apply(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, add: torch.Tensor | None,
+                          weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int,
+                          out: torch.Tensor | None = None, *, backend: str | None = None) -> torch.Tensor:
+    """GroupNorm + SiLU with the statistics given: group_norm_silu's normalisation pass alone.
+
+        y = silu((x + add[b, c] - mean[b, g]) * rstd[b, g] * weight[c] + bias[c]),  g = c // (C / groups)
+
+    computed as the forward computes it, y = silu(x * A[b, c] + B[b, c]) with A = rstd * weight
+    and B = (add - mean) * A + bias in float64, rounded to float32 (float64 for float64 x).
+    Given group_norm_silu_forward's own mean and rstd, the CPU kernel gives its y bit for bit.
+    For the slab forward: statistics gathered over a whole tensor, applied to a few depth planes.
+
+    x: (B, C, *spatial), float32, float16, bfloat16 or float64: contiguous, channels-last
+        (channels_last / channels_last_3d), or a depth slab t[:, :, d0:d1] of either, all read
+        in place; other strides are copied to contiguous first.
+    mean, rstd: (B, groups) float32 (float64 for float64 x), as torch.ops.patchddm.
+        group_norm_silu_forward returns them. add: (B, C) or None; weight, bias: (C,) or None
+        (any float dtype).
+    out: a tensor of x's shape and dtype to write y into (it may be a depth slab of a larger
+        contiguous or channels-last buffer, written in place when laid out as x; the other
+        planes are left alone), returned; without it, a new tensor in x's layout (contiguous or
+        channels-last).
+
+    Not differentiable (an inference helper): refuses, with an error, inputs that require grad
+    while grad mode is on. No CUDA kernel: CUDA tensors run on Triton, else on PyTorch.
+    """
+    check_apply_arguments(APPLY_NAME, x, mean, rstd, add, weight, bias, groups, out)
+    groups = operator.index(groups)
+    choice = APPLY_OP.resolve(x.device, backend)
+    if choice == "torch":
+        y = group_norm_silu_apply_reference(x, mean, rstd, add, weight, bias, groups)
+        return y if out is None else out.copy_(y)
+    ops = torch.ops.patchddm_triton if choice == "triton" else torch.ops.patchddm
+    layout = apply_layout(x)
+    if layout is None:
+        x, layout = x.contiguous(), torch.contiguous_format
+    mean, rstd = mean.contiguous(), rstd.contiguous()
+    if out is None:
+        return ops.group_norm_silu_apply(x, mean, rstd, add, weight, bias, groups)
+    if fits_apply_layout(out, layout):
+        ops.group_norm_silu_apply_out(x, mean, rstd, add, weight, bias, groups, out)
+        return out
+    # out laid out otherwise than x: through a temporary
+    return out.copy_(ops.group_norm_silu_apply(x, mean, rstd, add, weight, bias, groups))
 
 
 # -- fake kernels and autograd, shared by the compiled and the Triton ops ---------------------
@@ -194,6 +357,15 @@ def fake_backward(grad_out, grad_average, input, add, weight, bias, mean, rstd, 
         return input.new_empty(param.shape if param is not None else (0,), dtype=acc)
 
     return torch.empty_like(input), like(add), like(weight), like(bias)
+
+
+def fake_apply(x, mean, rstd, add, weight, bias, groups):
+    layout = apply_layout(x) or torch.contiguous_format
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=layout)
+
+
+def fake_apply_out(x, mean, rstd, add, weight, bias, groups, out) -> None:
+    return None
 
 
 def register_autograd(forward_qualname: str, backward_op) -> None:
@@ -233,5 +405,7 @@ def register_autograd(forward_qualname: str, backward_op) -> None:
 if EXTENSION.loaded:
     torch.library.register_fake("patchddm::group_norm_silu_forward")(fake_forward)
     torch.library.register_fake("patchddm::group_norm_silu_backward")(fake_backward)
+    torch.library.register_fake("patchddm::group_norm_silu_apply")(fake_apply)
+    torch.library.register_fake("patchddm::group_norm_silu_apply_out")(fake_apply_out)
     # The compiled op's autograd is registered in C++ (csrc/cpu/group_norm_silu_autograd.cpp:
     # the same as register_autograd, without the Python wrapper's cost on every call).

@@ -183,16 +183,20 @@ def test_gradients_over_several_chunks(device, backend):
         assert_close(a, e, scale=10.0)  # float32 sums over 37200 elements, in another order
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape,groups", [((1, 6, 40, 30, 31), 3), ((1, 3, 5, 6, 7), 3)])
-def test_cpu_schedules_give_the_same_bits(dtype, shape, groups):
+def test_cpu_schedules_give_the_same_bits(dtype, shape, groups, layout):
     # The CPU kernels run whole groups per thread when the (batch, group) pairs share out
     # evenly over the threads (1 thread here), else each pass over (channel, chunk) units (3
     # groups on 2 threads); both sum the same units in the same order, so the results are
-    # equal bit for bit. The first shape has channels of several chunks.
+    # equal bit for bit. The first shape has channels of several chunks. Channels-last inputs
+    # split into chunks of rows by the shape alone: the same bits on any number of threads too.
     if "cpu" not in [p.values[0] for p in KERNEL_BACKENDS if p.values[1] == "cpp"]:
         pytest.skip("needs the compiled CPU kernels")
     inputs = make_inputs(shape, ("add", "skip", "weight", "bias"), dtype, "cpu", requires_grad=True)
+    if layout == "channels_last":
+        inputs = channels_last_twin(inputs)
     leaves = [t for t in inputs.values() if t is not None]
     grad_out = torch.randn(shape).to(dtype)
     threads = torch.get_num_threads()
@@ -258,9 +262,21 @@ def channels_last_twin(inputs, names=("x", "skip")):
                            for n in names if inputs[n] is not None})
 
 
-def assert_same(actual, expected):
-    """Every backend computes on the contiguous copy of a channels-last input: the same bits."""
-    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+def native_channels_last(device, backend):
+    """Whether the backend computes channels-last tensors in their layout (the compiled CPU
+    kernel); the others compute on contiguous copies."""
+    return device == "cpu" and backend == "cpp"
+
+
+def assert_same(actual, expected, native=False, scale=1.0):
+    """Backends that compute on the contiguous copy of a channels-last input give the same bits
+    as for the contiguous input. The native channels-last CPU kernel sums in another order:
+    its results agree within float32 rounding, at the reference tolerances (times `scale`,
+    which the caller explains)."""
+    if native:
+        assert_close(actual, expected, scale=scale)
+    else:
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
@@ -282,13 +298,16 @@ def test_channels_last_input_gives_channels_last_outputs_and_gradients(device, b
     (average, y), grads = outputs_and_gradients(last)
     (expected_average, expected_y), expected_grads = outputs_and_gradients(inputs)
     assert y.is_contiguous(memory_format=layout) and average.is_contiguous(memory_format=layout)  # as F.group_norm
-    assert_same(y, expected_y)
-    assert_same(average, expected_average)
+    native = native_channels_last(device, backend)
+    assert_same(y, expected_y, native)
+    assert_same(average, expected_average, native)  # one rounding of the same sum: equal anyway
     for name, grad in grads.items():
         leaf = last[name]
         # Each gradient in its input's layout: channels-last for x (and skip when it is).
         assert grad.stride() == leaf.stride(), (name, grad.stride(), leaf.stride())
-        assert_same(grad, expected_grads[name])
+        # backward reduces over each group twice, each float32 sum in another order: 4x, as
+        # test_gradients_match_reference allows against the reference
+        assert_same(grad, expected_grads[name], native, scale=4.0)
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
@@ -297,7 +316,7 @@ def test_channels_last_without_skip(device, backend):
     last = channels_last_twin(inputs, ("x",))
     y = run(last, 2, backend)
     assert y.is_contiguous(memory_format=torch.channels_last_3d) and not y.is_contiguous()
-    assert_same(y, run(inputs, 2, backend))
+    assert_same(y, run(inputs, 2, backend), native_channels_last(device, backend))
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
@@ -316,7 +335,185 @@ def test_compile_fullgraph_channels_last(device, backend):
         grads = torch.autograd.grad(outputs[1].sum() + outputs[0].sum(), args)
         assert [g.stride() for g in grads] == [a.stride() for a in args]
     for a, e in zip(compiled(*args), f(*args)):
-        assert_same(a, e)
+        assert_same(a, e)  # the same kernel on the same tensors in both: the same bits
+
+
+# -- the native channels-last CPU kernel ------------------------------------------------------
+
+# Odd sizes for the channels-last loops, which run over patterns of k rows of C channels
+# (k = 16 / gcd(C, 16)): channels per group 1, 3 and 4, channel counts that are not multiples
+# of 16 (29 = the paper's, 12, 6, 9), spatial sizes that are not multiples of any vector
+# width nor of k, batch 2, 4-D and 5-D.
+CL_CASES = [
+    ((2, 29, 5, 3, 7), 29),   # 1 channel per group, the paper's group count
+    ((1, 12, 3, 5, 6), 4),    # 3 per group
+    ((2, 12, 7, 1, 3), 3),    # 4 per group, a size-1 dimension
+    ((2, 9, 11, 13), 3),      # 4-D, 3 per group
+    ((1, 16, 2, 3, 5), 4),    # a multiple of 16 channels: one row per pattern
+]
+CL_OPTIONS = [("add", "skip", "weight", "bias"), ("weight", "bias"), ("skip",)]
+
+
+class OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every op dispatched while active, with the shapes of the new tensors it returns
+    (views of its inputs, such as autograd's detach, move no data and are left out): a layout
+    copy shows up as an op other than the kernels' returning a tensor of x's shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        given = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                 if isinstance(t, torch.Tensor)}
+        results = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        self.calls.append((str(func), [tuple(t.shape) for t in results if t.untyped_storage().data_ptr() not in given]))
+        return out
+
+    def full_size_ops(self, shape):
+        return sorted({name for name, shapes in self.calls if tuple(shape) in shapes})
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("options", CL_OPTIONS, ids=str)
+@pytest.mark.parametrize("shape,groups", CL_CASES, ids=str)
+def test_channels_last_kernel_matches_reference_and_contiguous_kernel(dtype, options, shape, groups):
+    layout = CHANNELS_LAST[len(shape)]
+    params = torch.float64 if dtype == torch.float64 else torch.float32
+    inputs = make_inputs(shape, options, dtype, "cpu", requires_grad=True, param_dtype=params)
+    last = channels_last_twin(inputs)
+    assert not last["x"].is_contiguous()
+    names = [n for n in ("x", "skip", "add", "weight", "bias") if inputs[n] is not None]
+    grad_out, grad_avg = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
+
+    def outputs_and_gradients(given, backend):
+        out = run(given, groups, backend)
+        average, y = out if "skip" in options else (None, out)
+        loss = (y.to(params) * grad_out.to(params)).sum()
+        if average is not None:  # the residual path's gradient joins in through the average
+            loss = loss + (average.to(params) * grad_avg.to(params)).sum()
+        return average, y, torch.autograd.grad(loss, [given[n] for n in names])
+
+    average, y, grads = outputs_and_gradients(last, "cpp")
+    # outputs and the gradients of x and skip in channels-last, as the inputs
+    for t in (y, average, grads[0], grads[1] if "skip" in options else None):
+        if t is not None:
+            assert t.is_contiguous(memory_format=layout) and not t.is_contiguous()
+    ref_average, ref_y, ref_grads = outputs_and_gradients(inputs, "torch")
+    kernel_average, kernel_y, kernel_grads = outputs_and_gradients(inputs, "cpp")  # NCDHW kernel
+    # y: within one rounding of the output dtype of the float32 (float64) reference, as the
+    # NCDHW kernel (test_forward_matches_reference)
+    assert_close(y, ref_y)
+    assert_close(y, kernel_y)
+    if average is not None:  # (x + skip) / 2 rounded once: the same bits in every layout
+        assert torch.equal(average, kernel_average) and torch.equal(average, ref_average)
+    for name, a, e, k in zip(names, grads, ref_grads, kernel_grads):
+        assert a.dtype == inputs[name].dtype and a.shape == inputs[name].shape
+        # backward reduces over each group twice, each sum in its own order: 4x the
+        # one-rounding tolerance, as test_gradients_match_reference
+        assert_close(a, e, scale=4.0, msg=name)
+        assert_close(a, k, scale=4.0, msg=name)
+
+
+@pytest.mark.parametrize("options", [("add", "skip", "weight", "bias"), ("weight",)], ids=str)
+def test_channels_last_kernel_makes_no_layout_copies(options):
+    shape = (2, 12, 5, 3, 7)
+    inputs = channels_last_twin(make_inputs(shape, options, torch.float32, "cpu", requires_grad=True))
+    grad_out = torch.randn(shape).contiguous(memory_format=torch.channels_last_3d)
+    leaves = [t for t in inputs.values() if t is not None]
+
+    def logged(backend):
+        log = OpLog()
+        with log:
+            out = run(inputs, 3, backend)
+            y = out[1] if isinstance(out, tuple) else out
+            grads = torch.autograd.grad(y, leaves, grad_out)
+        return log, y, grads
+
+    log, y, grads = logged("cpp")
+    # only the kernels touch tensors of x's size: no copy of x, skip, y, average or a gradient
+    assert log.full_size_ops(shape) == ["patchddm.group_norm_silu_backward.default",
+                                        "patchddm.group_norm_silu_forward.default"]
+    assert y.is_contiguous(memory_format=torch.channels_last_3d)
+    assert all(g.stride() == t.stride() for g, t in zip(grads, leaves))
+    # the log does see the copies of the contiguous-computing reference
+    reference_log, _, _ = logged("torch")
+    assert "aten.clone.default" in reference_log.full_size_ops(shape)
+
+
+@pytest.mark.parametrize("shape,groups", [((2, 12, 5, 3, 7), 3), ((2, 6, 5, 7), 2)], ids=["3d", "2d"])
+def test_channels_last_kernel_with_gradients_in_other_layouts(shape, groups):
+    # The upstream gradients may come in another layout than the saved input (a contiguous
+    # grad_out, a strided one): the autograd makes them like the input first, a copy of the
+    # same values, so the results are those of channels-last gradients bit for bit.
+    layout = CHANNELS_LAST[len(shape)]
+    inputs = channels_last_twin(make_inputs(shape, ("add", "skip", "weight", "bias"), torch.float32, "cpu",
+                                            requires_grad=True))
+    leaves = [t for t in inputs.values() if t is not None]
+    grad_out, grad_avg = torch.randn(shape), torch.randn(shape)
+    results = []
+    for make in (lambda t: t.contiguous(memory_format=layout), lambda t: t.contiguous(),
+                 lambda t: t.transpose(-1, -2).contiguous().transpose(-1, -2)):
+        average, y = run(inputs, groups, "cpp")
+        results.append(torch.autograd.grad([y, average], leaves, [make(grad_out), make(grad_avg)]))
+    for other in results[1:]:
+        for a, e in zip(other, results[0]):
+            assert a.stride() == e.stride() and torch.equal(a, e)
+
+
+def test_channels_last_kernel_checks_layouts():
+    forward, backward = torch.ops.patchddm.group_norm_silu_forward, torch.ops.patchddm.group_norm_silu_backward
+    x = torch.randn(2, 6, 3, 4, 5).contiguous(memory_format=torch.channels_last_3d)
+    with pytest.raises(RuntimeError, match="skip must be laid out as x, ChannelsLast3d"):
+        forward(x, x.contiguous(), None, None, None, 3, 1e-5)
+    y, _, mean, rstd = forward(x, None, None, None, None, 3, 1e-5)
+    with pytest.raises(RuntimeError, match="grad_out must be laid out as x, ChannelsLast3d"):
+        backward(y.contiguous(), None, x, None, None, None, mean, rstd, 3, 1.0)
+    with pytest.raises(RuntimeError, match="grad_out must be laid out as x, Contiguous"):
+        backward(y, None, x.contiguous(), None, None, None, mean, rstd, 3, 1.0)
+    with pytest.raises(RuntimeError, match="x must be contiguous or channels-last"):
+        forward(x.transpose(2, 3), None, None, None, None, 3, 1e-5)
+
+
+def test_channels_last_kernel_gradcheck_float64():
+    inputs = channels_last_twin(make_inputs((2, 4, 3, 2, 3), ("add", "skip", "weight", "bias"), torch.float64,
+                                            "cpu", requires_grad=True, param_dtype=torch.float64))
+    assert not inputs["x"].is_contiguous() and not inputs["skip"].is_contiguous()
+    names = list(inputs)
+
+    def f(*tensors):
+        return run(dict(zip(names, tensors)), 2, "cpp")
+
+    assert torch.autograd.gradcheck(f, tuple(inputs.values()))
+
+
+def test_channels_last_kernel_over_several_chunks():
+    # 4 channels: patterns of 4 rows, chunks of 4096 rows, so 17 chunks per batch entry, the
+    # last one partial. Channels sit at 300 with spread 0.01, which the shifted sums keep.
+    shape = (2, 4, 41, 37, 43)
+    layout = torch.channels_last_3d
+    x = (torch.randn(shape, dtype=torch.float64) * 0.01 + 300).float().contiguous(memory_format=layout)
+    skip = x + 0.01 * torch.randn(shape).contiguous(memory_format=layout)
+    weight, bias = torch.rand(4) + 0.5, torch.randn(4)
+    forward, backward = torch.ops.patchddm.group_norm_silu_forward, torch.ops.patchddm.group_norm_silu_backward
+    y, average, mean, rstd = forward(x, skip, None, weight, bias, 2, 1e-5)
+    assert torch.equal(average, ((x + skip) * 0.5).contiguous(memory_format=layout))  # one rounding, as torch
+    expected = F.silu(F.group_norm(average.double(), 2, weight.double(), bias.double(), 1e-5))
+    # y = silu(a * A + B) in float32, with |a * A| up to 300 * rstd * w: its rounding (a few
+    # ulps of that product, 4 * 2^-24 relative) bounds the error, silu' < 1.1
+    product = average.abs().max() * rstd.max() * weight.max()
+    torch.testing.assert_close(y.double(), expected, atol=1.1 * 4 * 2 ** -24 * product.item(), rtol=0)
+    # the backward against the NCDHW kernel's from the same saved input and statistics: sums of
+    # 4 * 68231 elements per group, each in its own order (10x the one-rounding tolerance, as
+    # test_gradients_over_several_chunks)
+    grad_out, grad_avg = (torch.randn(shape).contiguous(memory_format=layout) for _ in range(2))
+    native = backward(grad_out, grad_avg, average, None, weight, bias, mean, rstd, 2, 0.5)
+    contiguous = backward(grad_out.contiguous(), grad_avg.contiguous(), average.contiguous(), None, weight, bias,
+                          mean, rstd, 2, 0.5)
+    assert native[0].is_contiguous(memory_format=layout)
+    for a, e in zip(native, contiguous):
+        assert_close(a, e, scale=10.0)
 
 
 def test_bad_inputs_name_the_problem():

@@ -12,6 +12,10 @@ Forward:  chunk sums of (a - shift) and its square (a = x or the rounded average
 Backward: chunk sums of dz, dz * xhat and xhat (dz = dy * silu'(z), recomputed from a and the
           saved statistics) -> per channel coefficients and grad_add -> grad_input.
 Sums are float32 (float64 for float64 data), reduced as trees within a program.
+
+group_norm_silu_apply: the forward's last kernel alone, with the caller's statistics, reading
+x and writing out at their strides (channel runs of a contiguous tensor or of a depth slab of
+one, or runs of rows of a channels-last one), its constants computed by the host in float64.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ import triton.language as tl
 
 from .._checks import opmath_dtype
 from .._schemas import triton_op
-from ..group_norm_silu import check_arguments, check_backward_arguments, fake_backward, fake_forward, register_autograd
+from ..group_norm_silu import (apply_constants, apply_layout, check_apply_arguments, check_arguments,
+                               check_backward_arguments, fake_apply, fake_backward, fake_forward, register_autograd)
 from ._common import to_acc
 
 MAX_BLOCK = 1024     # elements per vector step of a program
@@ -150,6 +155,37 @@ def _apply_kernel(a_ptr, coef_ptr, y_ptr, S, chunk, BLOCK: tl.constexpr):
         mask = offs < end
         z = to_acc(tl.load(a_ptr + base + offs, mask=mask, other=0.0)) * scale + shift
         tl.store(y_ptr + base + offs, _silu(z).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _apply_given_kernel(x_ptr, coef_ptr, y_ptr, n, C, chunk, x_batch, x_channel, y_batch, y_channel,
+                        ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """group_norm_silu_apply on a (runs, chunks) grid. Channel runs (ROWS false): run r = b * C + c
+    is the n = S elements of channel (b, c), at b * batch + c * channel stride. Rows: run r = b is
+    the n = S * C elements of batch entry b (S rows of C channels) at b * batch stride, element
+    o being channel o % C."""
+    r = tl.program_id(0).to(tl.int64)
+    start = tl.program_id(1).to(tl.int64) * chunk
+    end = tl.minimum(start + chunk, n)
+    if ROWS:
+        x_base = r * x_batch
+        y_base = r * y_batch
+    else:
+        x_base = (r // C) * x_batch + (r % C) * x_channel
+        y_base = (r // C) * y_batch + (r % C) * y_channel
+        scale = tl.load(coef_ptr + r * 2)
+        shift = tl.load(coef_ptr + r * 2 + 1)
+    for i in range(0, chunk, BLOCK):
+        offs = start + i + tl.arange(0, BLOCK)
+        mask = offs < end
+        a = to_acc(tl.load(x_ptr + x_base + offs, mask=mask, other=0.0))
+        if ROWS:  # the constants of each element's channel
+            bc = r * C + offs % C
+            z = a * tl.load(coef_ptr + bc * 2, mask=mask, other=0.0) + tl.load(coef_ptr + bc * 2 + 1, mask=mask,
+                                                                                other=0.0)
+        else:
+            z = a * scale + shift
+        tl.store(y_ptr + y_base + offs, _silu(z).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -361,6 +397,37 @@ def group_norm_silu_backward(grad_out, grad_average, input, add, weight, bias, m
     return grad_input, grad_add, grad_weight, grad_bias
 
 
+def _apply_into(x, mean, rstd, add, weight, bias, out):
+    if x.numel() == 0:
+        return
+    B, C = x.shape[:2]
+    S = x[0, 0].numel()
+    rows = apply_layout(x) != torch.contiguous_format
+    scale, shift = apply_constants(mean, rstd, add, weight, bias, C)
+    coef = torch.stack((scale, shift), dim=-1).contiguous()  # (B, C, 2)
+    n = S * C if rows else S
+    block, chunk, n_chunks = _chunking(n)
+    _apply_given_kernel[(B if rows else B * C, n_chunks)](
+        x, coef, out, n, C, chunk, x.stride(0), x.stride(1), out.stride(0), out.stride(1), ROWS=rows, BLOCK=block)
+
+
+@triton_op("group_norm_silu_apply")
+def group_norm_silu_apply(x, mean, rstd, add, weight, bias, groups):
+    check_apply_arguments("patchddm_triton::group_norm_silu_apply", x, mean, rstd, add, weight, bias, groups,
+                          kernel_layout=True)
+    out = fake_apply(x, mean, rstd, add, weight, bias, groups)
+    _apply_into(x, mean, rstd, add, weight, bias, out)
+    return out
+
+
+@triton_op("group_norm_silu_apply_out")
+def group_norm_silu_apply_out(x, mean, rstd, add, weight, bias, groups, out):
+    check_apply_arguments("patchddm_triton::group_norm_silu_apply_out", x, mean, rstd, add, weight, bias, groups,
+                          out, kernel_layout=True)
+    _apply_into(x, mean, rstd, add, weight, bias, out)
+
+
 group_norm_silu_forward.register_fake(fake_forward)
 group_norm_silu_backward.register_fake(fake_backward)
+group_norm_silu_apply.register_fake(fake_apply)
 register_autograd("patchddm_triton::group_norm_silu_forward", torch.ops.patchddm_triton.group_norm_silu_backward)
