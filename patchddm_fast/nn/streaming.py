@@ -8,7 +8,8 @@ just before the convolution reads them, so a normalised tensor never exists at f
   1. per-channel sums of the norm's input give each (batch, group)'s mean and rstd (the
      statistics are global: they are gathered before anything is normalised; the timestep
      bias enters through the sums, so the biased tensor is never formed either);
-  2. each plane is normalised once, into a window of planes that rolls along depth, and a
+  2. each plane is normalised once (ops.group_norm_silu_apply: the fused norm's second pass
+     with the statistics given), into a window of planes that rolls along depth, and a
      3x3x3 convolution of the window writes the slab of output planes it covers. Since the
      window holds every normalised plane that later slabs still read, the output may
      overwrite the convolution's own input: a ResBlock's output lands in its first
@@ -20,10 +21,10 @@ tenth of one full-size convolution. What stays at full size is the decoder's inp
 convolution output plus the skips still on the stack: three tensors at the first decoder
 block of full resolution, against the plain forward's five (the original's six).
 
-The arithmetic is the plain forward's except for summation order (statistics from float64
-sums of float32 slab sums; the convolution of a slab instead of the volume) and the norm's
-affine map, applied as x * scale + shift (scale = rstd * weight, shift folding mean, bias and
-the timestep bias): equal within float32 rounding, see tests/nn/test_streaming.py.
+The arithmetic is the plain forward's except for summation order: the statistics come from
+float64 sums of float32 slab sums (ops.group_norm_silu_apply then normalises exactly as the
+fused forward does with them), and a slab is convolved instead of the volume. Equal within
+float32 rounding, see tests/nn/test_streaming.py.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
+
+from ..ops import group_norm_silu_apply
 
 # Depth planes per slab: the slab's temporaries (the window of normalised planes, the
 # convolution's output) are about 3 * SLAB_PLANES / depth of one full-size tensor, and fewer,
@@ -85,27 +88,18 @@ class Moments:
             moments.add(t[:, :, d0:d0 + planes])
         return moments
 
-    def affine(self, norm: nn.Module, add: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, shift), (B, C, 1, 1, 1) in float32 (float64 for float64 tensors):
-        silu(x * scale + shift) is norm's fused silu(group_norm(x + add) * weight + bias)."""
+    def statistics(self, groups: int, eps: float, add: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, rstd) per (batch, group) of t + add[b, c] (add: the timestep bias, or None),
+        float32 (float64 for float64 tensors): what group_norm_silu_forward would return."""
         s1, s2, n = self.s1, self.s2, self.count
         batch, channels = s1.shape
-        groups = norm.num_groups
-        a = add.double() if add is not None else torch.zeros_like(s1)
-        if add is not None:  # sums of x + add: (x + a)^2 = x^2 + 2 a x + a^2
+        if add is not None:  # sums of t + a: (t + a)^2 = t^2 + 2 a t + a^2
+            a = add.double()
             s1, s2 = s1 + n * a, s2 + 2 * a * s1 + n * a * a
         per_group = n * (channels // groups)
         mean = s1.view(batch, groups, -1).sum(-1) / per_group
         var = (s2.view(batch, groups, -1).sum(-1) / per_group - mean.square()).clamp_min(0)
-        rstd = (var + norm.eps).rsqrt()
-        expand = channels // groups
-        mean, rstd = mean.repeat_interleave(expand, 1), rstd.repeat_interleave(expand, 1)
-        weight = norm.weight.double() if norm.weight is not None else 1.0
-        bias = norm.bias.double() if norm.bias is not None else 0.0
-        scale = rstd * weight
-        shift = (a - mean) * scale + bias
-        shape = (batch, channels) + (1,) * 3
-        return scale.to(self.dtype).view(shape), shift.to(self.dtype).view(shape)
+        return mean.to(self.dtype), (var + eps).rsqrt().to(self.dtype)
 
 
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding) -> torch.Tensor:
@@ -120,17 +114,23 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padd
     return F.conv3d(x, weight, bias, padding=padding)
 
 
-def _normalised(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    # In scale's dtype (float32, or float64), rounded once to x's dtype, as the fused op does.
-    return F.silu(torch.addcmul(shift, x, scale), inplace=True).to(x.dtype)
+class _Norm:
+    """A fused norm's normalisation with the statistics of the whole tensor, for its slabs."""
+
+    def __init__(self, norm: nn.Module, moments: Moments, add: torch.Tensor | None = None):
+        self.norm, self.add = norm, add
+        self.mean, self.rstd = moments.statistics(norm.num_groups, norm.eps, add)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        group_norm_silu_apply(x, self.mean, self.rstd, self.add, self.norm.weight, self.norm.bias,
+                              self.norm.num_groups, out=out)
 
 
 # -- the slab loop -----------------------------------------------------------------------------
 
-def norm_conv(src: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, conv: nn.Conv3d,
-              dst: torch.Tensor | None, planes: int, residual=None, moments: Moments | None = None
-              ) -> torch.Tensor:
-    """dst = conv(silu(src * scale + shift)) [+ residual(d0, d1) per slab], slab by slab.
+def norm_conv(src: torch.Tensor, norm: _Norm, conv: nn.Conv3d, dst: torch.Tensor | None, planes: int,
+              residual=None, moments: Moments | None = None) -> torch.Tensor:
+    """dst = conv(norm(src)) [+ residual(d0, d1) per slab], slab by slab.
 
     dst: the output buffer (allocated when None), which may be src itself. residual: a
     function of the slab's depth range returning the tensor to add. moments: gathers the
@@ -138,23 +138,24 @@ def norm_conv(src: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, conv:
     depth = src.shape[2]
     halo = conv.kernel_size[0] // 2
     padding = (0,) + tuple(conv.padding[1:])
-    window = zero = None  # window: normalised planes d0 - halo .. d0 + halo - 1, from the last slab
+    # The window holds the normalised planes d0 - halo .. d1 + halo - 1 of the slab [d0, d1):
+    # the 2 * halo planes it shares with the next slab move to its front, the rest are new.
+    window = torch.empty(src.shape[:2] + (min(planes, depth) + 2 * halo,) + src.shape[3:], dtype=src.dtype,
+                         device=src.device, memory_format=_layout(src))
     if halo:
-        first = _normalised(src[:, :, :halo], scale, shift)
-        zero = torch.zeros_like(first[:, :, :1])
-        window = torch.cat([zero.expand(-1, -1, halo, -1, -1), first], 2)
-        del first
+        window[:, :, :halo].zero_()
+        norm(src[:, :, :halo], window[:, :, halo:2 * halo])
     for d0 in range(0, depth, planes):
         d1 = min(d0 + planes, depth)
-        fresh = _normalised(src[:, :, d0 + halo:d1 + halo], scale, shift)
-        parts = [fresh] if window is None else [window, fresh]
-        if d1 + halo > depth:  # zero planes past the end
-            parts.append(zero.expand(-1, -1, d1 + halo - depth, -1, -1))
-        full = torch.cat(parts, 2) if len(parts) > 1 else fresh
-        del fresh, parts
-        out = _conv(full, conv.weight, conv.bias, padding)
-        window = full[:, :, -2 * halo:].clone() if halo else None
-        del full
+        count = d1 - d0 + 2 * halo  # planes of this slab's window
+        last = min(d1 + halo, depth)  # fresh planes: d0 + halo .. last - 1, zeros past the end
+        if last > d0 + halo:
+            norm(src[:, :, d0 + halo:last], window[:, :, 2 * halo:2 * halo + last - d0 - halo])
+        if last < d1 + halo:
+            window[:, :, count - (d1 + halo - last):count].zero_()
+        out = _conv(window[:, :, :count], conv.weight, conv.bias, padding)
+        if halo:  # a copy: the source and target planes overlap when the slab is one plane
+            window[:, :, :2 * halo] = window[:, :, count - 2 * halo:count].clone()
         if residual is not None:
             add = residual(d0, d1)
             out = out.add_(add) if out.dtype == add.dtype else out + add
@@ -220,12 +221,9 @@ def resblock(block: nn.Module, inputs: list, emb: torch.Tensor, planes: int) -> 
         del skip
     else:
         moments = Moments.of(x, planes)
-    norm1, conv1 = block.in_layers[0], block.in_layers[2]
-    norm2, conv2 = block.out_layers[0], block.out_layers[3]
-    scale, shift = moments.affine(norm1, None)
     inner = Moments()
-    h = norm_conv(x, scale, shift, conv1, None, planes, moments=inner)
-    scale, shift = inner.affine(norm2, block.emb_layers(emb))
+    h = norm_conv(x, _Norm(block.in_layers[0], moments), block.in_layers[2], None, planes, moments=inner)
+    norm2 = _Norm(block.out_layers[0], inner, block.emb_layers(emb))
     if isinstance(block.skip_connection, nn.Identity):
         def residual(d0, d1):
             return x[:, :, d0:d1]
@@ -234,7 +232,7 @@ def resblock(block: nn.Module, inputs: list, emb: torch.Tensor, planes: int) -> 
             return block.skip_connection(x[:, :, d0:d1])
     # The output overwrites the first convolution's output, whose planes the window still has.
     dst = h if h.dtype == torch.result_type(h, x) else None
-    return norm_conv(h, scale, shift, conv2, dst, planes, residual)
+    return norm_conv(h, norm2, block.out_layers[3], dst, planes, residual)
 
 
 def block_fits(block: nn.Module) -> bool:
@@ -249,5 +247,4 @@ def block_fits(block: nn.Module) -> bool:
 
 def head(out_head: nn.Module, x: torch.Tensor, planes: int) -> torch.Tensor:
     """The output head (norm, SiLU, convolution) slab by slab."""
-    scale, shift = Moments.of(x, planes).affine(out_head[0], None)
-    return norm_conv(x, scale, shift, out_head[2], None, planes)
+    return norm_conv(x, _Norm(out_head[0], Moments.of(x, planes)), out_head[2], None, planes)
