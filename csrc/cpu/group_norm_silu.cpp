@@ -64,6 +64,7 @@ constexpr int64_t kGrain = 32768;  // elements per task at least: amortises the 
 constexpr int64_t kScratchElements = 262144;
 
 using cpu::Elem;  // storage <-> arithmetic conversion of each dtype
+using cpu::bits_float, cpu::float_bits, cpu::select_bits;  // the loops' branch-free selects
 
 // -- the element loops, once per instruction set ------------------------------------------
 
