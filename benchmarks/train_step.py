@@ -1,11 +1,12 @@
-"""The paper preset's training step, ours against the original's pattern, side by side.
+"""A training step, ours against the original's pattern, side by side (the paper preset).
 
 One process, the cases interleaved round after round (a change in the machine's load hits all
 alike), one warm-up step each, the fastest round kept; wall and process CPU seconds. Cases:
 
   original float32         the plain U-Net, torch.cat input, eager noising (the original)
   original bf16 autocast   the same under torch.autocast(bfloat16)
-  ours float32             the fused U-Net, checkpoint "cheap" (the trainer's paper preset)
+  ours float32             the fused U-Net, checkpoint "cheap" (the trainer's paper preset),
+                           without recomputation ("off"), and in channels_last_3d
   ours auto                the trainer's automatic settings for this device (fast_settings:
                            bfloat16 autocast and channels_last_3d on a CPU with native bf16)
 
@@ -22,8 +23,8 @@ import torch
 from benchmarks.workloads import training_step
 
 
-def _case(variant: str, precision: str, checkpoint: str, channels_last: bool, size: int):
-    run = training_step(variant, "paper", size, 1, precision, checkpoint=checkpoint)
+def _case(variant: str, precision: str, checkpoint: str, channels_last: bool, size: int, preset: str):
+    run = training_step(variant, preset, size, 1, precision, checkpoint=checkpoint)
     if channels_last:
         model = run.held[0]
         model.channels_last = True
@@ -35,6 +36,7 @@ def main(argv=None) -> None:
     from patchddm_fast.fast_settings import fast_settings
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="paper", help="paper (default) or small")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
@@ -43,11 +45,13 @@ def main(argv=None) -> None:
     cases = {
         "original float32": ("baseline", "float32", "off", False),
         "original bf16 autocast": ("baseline", "bfloat16", "off", False),
+        "ours float32 (checkpoint off)": ("ours", "float32", "off", False),
         "ours float32 (cheap)": ("ours", "float32", "cheap", False),
+        "ours float32 (cheap, channels_last)": ("ours", "float32", "cheap", True),
         f"ours auto ({fast.precision}, {'channels_last' if fast.channels_last else 'contiguous'}, cheap)":
             ("ours", auto_precision, "cheap", fast.channels_last),
     }
-    runs = {name: _case(*spec, args.size) for name, spec in cases.items()}
+    runs = {name: _case(*spec, args.size, args.preset) for name, spec in cases.items()}
     for run in runs.values():
         run()  # warm-up
     best = {name: (float("inf"), float("inf")) for name in runs}
@@ -59,7 +63,7 @@ def main(argv=None) -> None:
             if wall < best[name][0]:
                 best[name] = (wall, cpu)
     base, base_bf16 = best["original float32"][0], best["original bf16 autocast"][0]
-    print(f"paper preset, one {args.size}^3 patch, {torch.get_num_threads()} threads, fastest of "
+    print(f"{args.preset} preset, one {args.size}^3 patch, {torch.get_num_threads()} threads, fastest of "
           f"{args.rounds} interleaved rounds")
     print("| run | wall s (CPU s) | original float32 / run | original bf16 / run |")
     print("|---|---|---|---|")
