@@ -1,4 +1,4 @@
-// Argument checks of group_norm_silu_forward, _backward and _apply, shared by the CPU and CUDA hosts:
+// Argument checks of group_norm_silu_forward, _backward, _stats and _apply, shared by the CPU and CUDA hosts:
 // every error names the op, the argument and what was expected.
 #pragma once
 
@@ -118,6 +118,13 @@ inline GroupNormDims check_group_norm_silu_forward(const char* op, const at::Ten
   return d;
 }
 
+// Every check of group_norm_silu_stats: the forward's, without skip, weight and bias.
+inline GroupNormDims check_group_norm_silu_stats(const char* op, const at::Tensor& x,
+                                                 const std::optional<at::Tensor>& add, int64_t groups, double eps) {
+  return check_group_norm_silu_forward(op, x, std::nullopt, add, std::nullopt, std::nullopt, groups, eps,
+                                       /*channels_last=*/true);
+}
+
 // Every check of group_norm_silu_backward; returns input's dimensions.
 inline GroupNormDims check_group_norm_silu_backward(const char* op, const at::Tensor& grad_out,
                                                     const std::optional<at::Tensor>& grad_average,
@@ -204,20 +211,27 @@ inline std::tuple<GroupNormDims, ApplyLayout, std::optional<ApplyLayout>> check_
   return {d, *xl, ol};
 }
 
-// The forward's outputs y, average (empty without skip), mean and rstd, on x's device, y and
-// average in x's layout. For an
-// empty x they are final: the statistics of nothing, as every backend gives them.
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_forward_outputs(
-    const at::Tensor& x, bool has_skip, const GroupNormDims& d, double eps) {
+// The statistics mean and rstd, (B, G) in x's arithmetic dtype on x's device. For an empty x
+// they are final: the statistics of nothing, as every backend gives them.
+inline std::tuple<at::Tensor, at::Tensor> group_norm_stats_outputs(const at::Tensor& x, const GroupNormDims& d,
+                                                                   double eps) {
   const auto acc_options = x.options().dtype(group_norm_acc_type(x));
-  at::Tensor y = at::empty_like(x, d.layout);
-  at::Tensor average = has_skip ? at::empty_like(x, d.layout) : at::empty({0}, x.options());
   at::Tensor mean = at::empty({d.batch, d.groups}, acc_options);
   at::Tensor rstd = at::empty({d.batch, d.groups}, acc_options);
   if (x.numel() == 0) {
     mean.zero_();
     rstd.fill_(1.0 / std::sqrt(eps));
   }
+  return {mean, rstd};
+}
+
+// The forward's outputs y, average (empty without skip), mean and rstd, on x's device, y and
+// average in x's layout (group_norm_stats_outputs for the statistics).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_forward_outputs(
+    const at::Tensor& x, bool has_skip, const GroupNormDims& d, double eps) {
+  at::Tensor y = at::empty_like(x, d.layout);
+  at::Tensor average = has_skip ? at::empty_like(x, d.layout) : at::empty({0}, x.options());
+  auto [mean, rstd] = group_norm_stats_outputs(x, d, eps);
   return {y, average, mean, rstd};
 }
 

@@ -26,6 +26,9 @@
 // vectors (RowChunks); statistics come from per-(batch, chunk of rows, channel) sums. Both
 // passes run over the chunks in parallel (forward_channels_last_impl, backward_...).
 //
+// group_norm_silu_stats: pass 1 and the group statistics alone, the same code as the forward's
+// (ContiguousStats, ChannelsLastStats), so the same bits.
+//
 // group_norm_silu_apply: pass 2 alone, with the caller's statistics (of a whole tensor, applied
 // to a depth slab of it), over the same spans, read from x and written to out at their own
 // batch (and channel) strides, so slabs of either layout need no copies (apply_impl).
@@ -154,10 +157,12 @@ bool by_group(int64_t groups) {
   return threads <= 1 || (groups > 0 && groups * 100 >= rounds * threads * 85);
 }
 
-// start(), when given, runs once per task of the by-group schedule before its first group.
+// start(), when given, runs once per task of the by-group schedule before its first group;
+// apply = nullptr skips pass 2 (group_norm_silu_stats).
 template <typename Stats, typename Finish, typename Apply, typename Start = std::nullptr_t>
 void run_passes(const Units& units, int64_t groups, int64_t per_group, Stats&& stats, Finish&& finish,
                 Apply&& apply, Start&& start = nullptr) {
+  constexpr bool kHasApply = !std::is_same_v<std::decay_t<Apply>, std::nullptr_t>;
   const int64_t group_units = per_group * units.per_channel;
   const int64_t group_elements = per_group * units.spatial;
   if (by_group(groups)) {
@@ -167,7 +172,7 @@ void run_passes(const Units& units, int64_t groups, int64_t per_group, Stats&& s
       for (int64_t g = begin; g < end; ++g) {
         units.for_each(g * group_units, (g + 1) * group_units, stats);
         finish(g);
-        units.for_each(g * group_units, (g + 1) * group_units, apply);
+        if constexpr (kHasApply) units.for_each(g * group_units, (g + 1) * group_units, apply);
       }
     });
     return;
@@ -176,9 +181,11 @@ void run_passes(const Units& units, int64_t groups, int64_t per_group, Stats&& s
     units.for_each(begin, end, stats);
   });
   for (int64_t g = 0; g < groups; ++g) finish(g);
-  at::parallel_for(0, units.count(), units.grain(), [&](int64_t begin, int64_t end) {
-    units.for_each(begin, end, apply);
-  });
+  if constexpr (kHasApply) {
+    at::parallel_for(0, units.count(), units.grain(), [&](int64_t begin, int64_t end) {
+      units.for_each(begin, end, apply);
+    });
+  }
 }
 
 template <typename T>
@@ -216,155 +223,234 @@ void group_constants(int64_t bg, int64_t channels, int64_t per_group, const A* m
   }
 }
 
+// -- forward statistics (pass 1 and the per-group finish) -----------------------------------------
+
+// One channel's moments from its shifted sums s = sum(a - shift), q = sum((a - shift)^2) over
+// its S elements: the mean of a + add (adding a per-channel constant moves only the mean) and M2.
+inline void channel_moments(double s, double q, int64_t S, double shift, double add, double& mean, double& m2) {
+  const double m = S > 0 ? s / S : 0.0;
+  mean = shift + m + add;
+  m2 = std::max(0.0, q - s * m);
+}
+
+// The statistics of group bg (a (batch, group) index) from its channels' moments, combined
+// (Chan et al.): M2 = sum M2_c + S sum (mean_c - mean)^2; stored rounded to the arithmetic type.
+template <typename A>
+void group_statistics(int64_t bg, int64_t Cg, int64_t S, const double* ch_mean, const double* ch_m2, double eps,
+                      A* mean, A* rstd) {
+  const int64_t c0 = bg * Cg;  // first (b, c) index of the group
+  double m = 0;
+  for (int64_t c = 0; c < Cg; ++c) m += ch_mean[c0 + c];
+  m /= Cg;
+  double m2 = 0;
+  for (int64_t c = 0; c < Cg; ++c) {
+    const double dm = ch_mean[c0 + c] - m;
+    m2 += ch_m2[c0 + c] + S * dm * dm;
+  }
+  const double n_group = static_cast<double>(Cg * S);
+  const double var = n_group > 0 ? m2 / n_group : 0.0;
+  mean[bg] = static_cast<A>(m);
+  rstd[bg] = static_cast<A>(1.0 / std::sqrt(var + eps));
+}
+
+// What both layouts' statistics passes read and write: x (and skip, averaged into `average`
+// when given), the per-channel add, mean and rstd; and each channel's shift, its first value
+// (or first rounded average), subtracted before summing so that a large mean does not cancel
+// the variance away. first(bc) is the index of channel bc's first element.
+template <typename T>
+class StatsPass {
+ public:
+  using E = Elem<T>;
+  using acc = typename E::acc;
+
+ protected:
+  template <typename First>
+  StatsPass(const at::Tensor& x, const std::optional<at::Tensor>& skip, at::Tensor& average,
+            const std::vector<double>& add, const GroupNormDims& d, double eps, at::Tensor& mean, at::Tensor& rstd,
+            First&& first)
+      : choice_(cpu::cpu_isa()), d_(d), eps_(eps), xp_(storage_ptr<T>(x)),
+        sp_(skip.has_value() ? storage_ptr<T>(*skip) : nullptr),
+        ap_(skip.has_value() ? mutable_storage_ptr<T>(average) : nullptr), add_(add),
+        mean_(mean.mutable_data_ptr<acc>()), rstd_(rstd.mutable_data_ptr<acc>()),
+        shift_(d.batch * d.channels, acc(0)) {
+    for (int64_t bc = 0; bc < d.batch * d.channels && d.spatial > 0; ++bc) {
+      const int64_t i = first(bc);
+      shift_[bc] = sp_ ? E::load(E::store((E::load(xp_[i]) + E::load(sp_[i])) * acc(0.5))) : E::load(xp_[i]);
+    }
+  }
+
+  // Channel bc's moments from its sums (channel_moments).
+  void channel(int64_t bc, double s, double q, double& mean, double& m2) const {
+    channel_moments(s, q, d_.spatial, static_cast<double>(shift_[bc]), add_[bc], mean, m2);
+  }
+
+  const cpu::Isa choice_;  // chosen on the calling thread: it may warn once
+  const GroupNormDims d_;
+  const double eps_;
+  const typename E::storage* xp_;
+  const typename E::storage* sp_;
+  typename E::storage* ap_;
+  const std::vector<double>& add_;
+  acc* mean_;
+  acc* rstd_;
+  std::vector<acc> shift_;
+};
+
+// Pass 1 of the forward on a contiguous x (writing the average when there is a skip) and the
+// group statistics, as the forward and group_norm_silu_stats both run them: per (channel,
+// chunk) unit, sums of (a - shift) and (a - shift)^2 (float lanes within a tile, double across
+// tiles). unit() and finish() are run_passes' pass 1 and finish; finish(bg) writes mean[bg]
+// and rstd[bg].
+template <typename T>
+class ContiguousStats : StatsPass<T> {
+  using Base = StatsPass<T>;
+
+ public:
+  using typename Base::acc;
+  const Units units;
+
+  ContiguousStats(const at::Tensor& x, const std::optional<at::Tensor>& skip, at::Tensor& average,
+                  const std::vector<double>& add, const GroupNormDims& d, double eps, at::Tensor& mean,
+                  at::Tensor& rstd)
+      : Base(x, skip, average, add, d, eps, mean, rstd, [&](int64_t bc) { return bc * d.spatial; }),
+        units(d.batch * d.channels, d.spatial), sums_(units.count() * 2), ch_mean_(units.channels),
+        ch_m2_(units.channels) {}
+
+  void unit(int64_t u, int64_t bc, int64_t offset, int64_t len) {
+    const auto *xp = this->xp_, *sp = this->sp_;
+    auto* ap = this->ap_;
+    PATCHDDM_DISPATCH_ISA(this->choice_, isa::stats_span<T>(xp + offset, sp ? sp + offset : nullptr,
+                                                            ap ? ap + offset : nullptr, len, this->shift_[bc],
+                                                            &sums_[u * 2]));
+  }
+
+  void finish(int64_t bg) {
+    const int64_t per = units.per_channel, Cg = this->d_.per_group();
+    for (int64_t bc = bg * Cg; bc < (bg + 1) * Cg; ++bc) {
+      double s = 0, q = 0;
+      for (int64_t k = 0; k < per; ++k) {
+        s += sums_[(bc * per + k) * 2];
+        q += sums_[(bc * per + k) * 2 + 1];
+      }
+      this->channel(bc, s, q, ch_mean_[bc], ch_m2_[bc]);
+    }
+    group_statistics(bg, Cg, this->d_.spatial, ch_mean_.data(), ch_m2_.data(), this->eps_, this->mean_, this->rstd_);
+  }
+
+ private:
+  std::vector<double> sums_, ch_mean_, ch_m2_;
+};
+
+// The same on a channels-last x: sums per (batch, chunk of rows, channel), pass 1 over every
+// chunk in parallel, then every group's statistics (run).
+template <typename T>
+class ChannelsLastStats : StatsPass<T> {
+  using Base = StatsPass<T>;
+
+ public:
+  using typename Base::acc;
+  const RowChunks units;
+
+  // A channel's first value: voxel 0 of its batch entry.
+  ChannelsLastStats(const at::Tensor& x, const std::optional<at::Tensor>& skip, at::Tensor& average,
+                    const std::vector<double>& add, const GroupNormDims& d, double eps, at::Tensor& mean,
+                    at::Tensor& rstd)
+      : Base(x, skip, average, add, d, eps, mean, rstd,
+             [&](int64_t bc) { return (bc / d.channels) * d.spatial * d.channels + bc % d.channels; }),
+        units(d.batch, d.spatial, d.channels) {}
+
+  // Pass 1 and the statistics of every group.
+  void run() {
+    const GroupNormDims& d = this->d_;
+    const auto *xp = this->xp_, *sp = this->sp_;
+    auto* ap = this->ap_;
+    const int64_t C = d.channels, S = d.spatial, P = units.period, bc_count = d.batch * C;
+    const std::vector<acc> shift_p = units.pattern(this->shift_);
+    std::vector<double> sums(units.count() * C * 2, 0.0);  // (unit, channel, {sum, sum of squares})
+    units.parallel([&](int64_t u, int64_t bi, int64_t offset, int64_t len) {
+      std::vector<acc> accs(2 * P, acc(0));  // per unit of ~kChunk elements: the allocation is noise
+      PATCHDDM_DISPATCH_ISA(this->choice_, isa::cl_stats_span<T>(xp + offset, sp ? sp + offset : nullptr,
+                                                                 ap ? ap + offset : nullptr, len, P,
+                                                                 &shift_p[bi * P], accs.data(), accs.data() + P));
+      double* out = &sums[u * C * 2];
+      for (int64_t j = 0; j < P; ++j) {
+        out[(j % C) * 2] += accs[j];
+        out[(j % C) * 2 + 1] += accs[P + j];
+      }
+    });
+    std::vector<double> ch_mean(bc_count), ch_m2(bc_count);
+    for (int64_t bc = 0; bc < bc_count; ++bc) {
+      const int64_t bi = bc / C, c = bc % C;
+      double s = 0, q = 0;
+      for (int64_t k = 0; k < units.per_batch; ++k) {
+        s += sums[((bi * units.per_batch + k) * C + c) * 2];
+        q += sums[((bi * units.per_batch + k) * C + c) * 2 + 1];
+      }
+      this->channel(bc, s, q, ch_mean[bc], ch_m2[bc]);
+    }
+    for (int64_t bg = 0; bg < d.batch * d.groups; ++bg) {
+      group_statistics(bg, d.per_group(), S, ch_mean.data(), ch_m2.data(), this->eps_, this->mean_, this->rstd_);
+    }
+  }
+};
+
 // -- forward ----------------------------------------------------------------------------------
 
+// Pass 1 and the group statistics (ContiguousStats); then per group the constants of
+// y = silu(a * A + B), A = rstd w, B = (add - mean) A + bias, from the stored statistics
+// (group_constants); pass 2 applies them. run_passes interleaves the three.
 template <typename T>
 void forward_impl(const at::Tensor& x, const std::optional<at::Tensor>& skip,
                   const std::optional<at::Tensor>& add, const std::optional<at::Tensor>& weight,
                   const std::optional<at::Tensor>& bias, const GroupNormDims& d, double eps, at::Tensor& y,
                   at::Tensor& average, at::Tensor& mean, at::Tensor& rstd) {
-  using E = Elem<T>;
-  using acc = typename E::acc;
-  const cpu::Isa choice = cpu::cpu_isa();  // here, on the calling thread: it may warn once
-  const int64_t bc_count = d.batch * d.channels, S = d.spatial, Cg = d.per_group();
-  const auto* xp = storage_ptr<T>(x);
-  const auto* sp = skip.has_value() ? storage_ptr<T>(*skip) : nullptr;
-  auto* ap = skip.has_value() ? mutable_storage_ptr<T>(average) : nullptr;
-  const auto* a_read = skip.has_value() ? ap : xp;  // what pass 2 normalises
+  using acc = typename Elem<T>::acc;
+  const int64_t bc_count = d.batch * d.channels, Cg = d.per_group();
   const std::vector<double> add_v = values_or<double>(add, bc_count, 0.0);
   const std::vector<acc> w = values_or<acc>(weight, d.channels, acc(1));
   const std::vector<acc> b = values_or<acc>(bias, d.channels, acc(0));
-  auto* mean_p = mean.mutable_data_ptr<acc>();
-  auto* rstd_p = rstd.mutable_data_ptr<acc>();
-
-  // Pass 1 sums per (channel, chunk) unit; then each group's statistics and its channels'
-  // constants (finish_group); pass 2 applies them.
-  const Units units(bc_count, S);
-  std::vector<acc> shift(bc_count, acc(0));
-  for (int64_t bc = 0; bc < bc_count && S > 0; ++bc) {
-    const int64_t i = bc * S;
-    shift[bc] = sp ? E::load(E::store((E::load(xp[i]) + E::load(sp[i])) * acc(0.5))) : E::load(xp[i]);
-  }
-  std::vector<double> sums(units.count() * 2);
-  auto stats_unit = [&](int64_t u, int64_t bc, int64_t offset, int64_t len) {
-    PATCHDDM_DISPATCH_ISA(choice, isa::stats_span<T>(xp + offset, sp ? sp + offset : nullptr,
-                                                     ap ? ap + offset : nullptr, len, shift[bc], &sums[u * 2]));
-  };
-
-  // Channel moments, combined per group (Chan et al.): M2 = sum M2_c + S sum (mean_c - mean)^2.
-  // Then y = silu(a * A + B) with A = rstd w, B = (add - mean) A + bias, from the stored stats
-  // (group_constants).
-  const double n_group = static_cast<double>(Cg * S);
-  std::vector<double> ch_mean(bc_count), ch_m2(bc_count);
-  std::vector<acc> scale(bc_count), offset_v(bc_count);
-  auto finish_group = [&](int64_t bg) {
-    const int64_t c0 = bg * Cg;  // first (b, c) index of the group
-    for (int64_t bc = c0; bc < c0 + Cg; ++bc) {
-      double s = 0, q = 0;
-      for (int64_t k = 0; k < units.per_channel; ++k) {
-        s += sums[(bc * units.per_channel + k) * 2];
-        q += sums[(bc * units.per_channel + k) * 2 + 1];
-      }
-      const double m = S > 0 ? s / S : 0.0;
-      ch_mean[bc] = static_cast<double>(shift[bc]) + m + add_v[bc];
-      ch_m2[bc] = std::max(0.0, q - s * m);
-    }
-    double m = 0;
-    for (int64_t c = 0; c < Cg; ++c) m += ch_mean[c0 + c];
-    m /= Cg;
-    double m2 = 0;
-    for (int64_t c = 0; c < Cg; ++c) {
-      const double dm = ch_mean[c0 + c] - m;
-      m2 += ch_m2[c0 + c] + S * dm * dm;
-    }
-    const double var = n_group > 0 ? m2 / n_group : 0.0;
-    mean_p[bg] = static_cast<acc>(m);
-    rstd_p[bg] = static_cast<acc>(1.0 / std::sqrt(var + eps));
-    group_constants(bg, d.channels, Cg, mean_p, rstd_p, add_v, w, b, scale.data(), offset_v.data());
-  };
+  ContiguousStats<T> stats(x, skip, average, add_v, d, eps, mean, rstd);
+  const cpu::Isa choice = cpu::cpu_isa();
+  const auto* a_read = skip.has_value() ? storage_ptr<T>(average) : storage_ptr<T>(x);  // what pass 2 normalises
   auto* yp = mutable_storage_ptr<T>(y);
+  std::vector<acc> scale(bc_count), offset_v(bc_count);
+  auto stats_unit = [&](int64_t u, int64_t bc, int64_t offset, int64_t len) { stats.unit(u, bc, offset, len); };
+  auto finish_group = [&](int64_t bg) {
+    stats.finish(bg);
+    group_constants(bg, d.channels, Cg, mean.const_data_ptr<acc>(), rstd.const_data_ptr<acc>(), add_v, w, b,
+                    scale.data(), offset_v.data());
+  };
   auto apply_unit = [&](int64_t, int64_t bc, int64_t offset, int64_t len) {
     PATCHDDM_DISPATCH_ISA(choice, isa::apply_span<T>(a_read + offset, yp + offset, len, scale[bc], offset_v[bc]));
   };
-  run_passes(units, d.batch * d.groups, Cg, stats_unit, finish_group, apply_unit);
+  run_passes(stats.units, d.batch * d.groups, Cg, stats_unit, finish_group, apply_unit);
 }
 
-// The forward on channels-last tensors: the same statistics, from per-(batch, chunk, channel)
-// sums of (a - shift) and (a - shift)^2; pass 1 over every chunk in parallel, the group
-// statistics, pass 2 over every chunk in parallel.
+// The forward on channels-last tensors: the statistics (ChannelsLastStats), the constants,
+// then pass 2 over every chunk in parallel.
 template <typename T>
 void forward_channels_last_impl(const at::Tensor& x, const std::optional<at::Tensor>& skip,
                                 const std::optional<at::Tensor>& add, const std::optional<at::Tensor>& weight,
                                 const std::optional<at::Tensor>& bias, const GroupNormDims& d, double eps,
                                 at::Tensor& y, at::Tensor& average, at::Tensor& mean, at::Tensor& rstd) {
-  using E = Elem<T>;
-  using acc = typename E::acc;
-  const cpu::Isa choice = cpu::cpu_isa();
-  const int64_t C = d.channels, S = d.spatial, Cg = d.per_group(), bc_count = d.batch * C;
-  const auto* xp = storage_ptr<T>(x);
-  const auto* sp = skip.has_value() ? storage_ptr<T>(*skip) : nullptr;
-  auto* ap = skip.has_value() ? mutable_storage_ptr<T>(average) : nullptr;
-  const auto* a_read = skip.has_value() ? ap : xp;
+  using acc = typename Elem<T>::acc;
+  const int64_t C = d.channels, bc_count = d.batch * C;
   const std::vector<double> add_v = values_or<double>(add, bc_count, 0.0);
   const std::vector<acc> w = values_or<acc>(weight, C, acc(1));
   const std::vector<acc> b = values_or<acc>(bias, C, acc(0));
-  auto* mean_p = mean.mutable_data_ptr<acc>();
-  auto* rstd_p = rstd.mutable_data_ptr<acc>();
-
-  const RowChunks units(d.batch, S, C);
-  const int64_t P = units.period;
-  // shift: each channel's first value (voxel 0 of its batch entry), as the contiguous kernel.
-  std::vector<acc> shift(bc_count);
-  for (int64_t bc = 0; bc < bc_count; ++bc) {
-    const int64_t i = (bc / C) * S * C + bc % C;
-    shift[bc] = sp ? E::load(E::store((E::load(xp[i]) + E::load(sp[i])) * acc(0.5))) : E::load(xp[i]);
-  }
-  const std::vector<acc> shift_p = units.pattern(shift);
-  std::vector<double> sums(units.count() * C * 2, 0.0);  // (unit, channel, {sum, sum of squares})
-  units.parallel([&](int64_t u, int64_t bi, int64_t offset, int64_t len) {
-    std::vector<acc> accs(2 * P, acc(0));  // per unit of ~kChunk elements: the allocation is noise
-    PATCHDDM_DISPATCH_ISA(choice, isa::cl_stats_span<T>(xp + offset, sp ? sp + offset : nullptr,
-                                                        ap ? ap + offset : nullptr, len, P, &shift_p[bi * P],
-                                                        accs.data(), accs.data() + P));
-    double* out = &sums[u * C * 2];
-    for (int64_t j = 0; j < P; ++j) {
-      out[(j % C) * 2] += accs[j];
-      out[(j % C) * 2 + 1] += accs[P + j];
-    }
-  });
-
-  // Channel moments summed over the chunks, combined per group as the contiguous kernel does.
-  const double n_group = static_cast<double>(Cg * S);
+  ChannelsLastStats<T> stats(x, skip, average, add_v, d, eps, mean, rstd);
+  stats.run();
   std::vector<acc> scale(bc_count), offset_v(bc_count);
-  std::vector<double> ch_mean(bc_count), ch_m2(bc_count);
-  for (int64_t bc = 0; bc < bc_count; ++bc) {
-    const int64_t bi = bc / C, c = bc % C;
-    double s = 0, q = 0;
-    for (int64_t k = 0; k < units.per_batch; ++k) {
-      s += sums[((bi * units.per_batch + k) * C + c) * 2];
-      q += sums[((bi * units.per_batch + k) * C + c) * 2 + 1];
-    }
-    const double m = S > 0 ? s / S : 0.0;
-    ch_mean[bc] = static_cast<double>(shift[bc]) + m + add_v[bc];
-    ch_m2[bc] = std::max(0.0, q - s * m);
-  }
   for (int64_t bg = 0; bg < d.batch * d.groups; ++bg) {
-    const int64_t c0 = bg * Cg;
-    double m = 0;
-    for (int64_t c = 0; c < Cg; ++c) m += ch_mean[c0 + c];
-    m /= Cg;
-    double m2 = 0;
-    for (int64_t c = 0; c < Cg; ++c) {
-      const double dm = ch_mean[c0 + c] - m;
-      m2 += ch_m2[c0 + c] + S * dm * dm;
-    }
-    const double var = n_group > 0 ? m2 / n_group : 0.0;
-    mean_p[bg] = static_cast<acc>(m);
-    rstd_p[bg] = static_cast<acc>(1.0 / std::sqrt(var + eps));
-    group_constants(bg, C, Cg, mean_p, rstd_p, add_v, w, b, scale.data(), offset_v.data());
+    group_constants(bg, C, d.per_group(), mean.const_data_ptr<acc>(), rstd.const_data_ptr<acc>(), add_v, w, b,
+                    scale.data(), offset_v.data());
   }
 
+  const cpu::Isa choice = cpu::cpu_isa();
+  const RowChunks& units = stats.units;
+  const int64_t P = units.period;
   const std::vector<acc> scale_p = units.pattern(scale), offset_p = units.pattern(offset_v);
+  const auto* a_read = skip.has_value() ? storage_ptr<T>(average) : storage_ptr<T>(x);
   auto* yp = mutable_storage_ptr<T>(y);
   units.parallel([&](int64_t, int64_t bi, int64_t offset, int64_t len) {
     PATCHDDM_DISPATCH_ISA(choice, isa::cl_apply_span<T>(a_read + offset, yp + offset, len, P, &scale_p[bi * P],
@@ -729,9 +815,43 @@ at::Tensor group_norm_silu_apply_cpu(const at::Tensor& x, const at::Tensor& mean
   return out;
 }
 
+// -- statistics alone ---------------------------------------------------------------------------
+
+// group_norm_silu_stats: the forward's pass 1 and group statistics alone, through the same
+// ContiguousStats / ChannelsLastStats calls as the forward, so its mean and rstd are the
+// forward's bits (the slab forward gathers a whole tensor's statistics with it).
+template <typename T>
+void stats_impl(const at::Tensor& x, const std::optional<at::Tensor>& add, const GroupNormDims& d, double eps,
+                at::Tensor& mean, at::Tensor& rstd) {
+  const std::vector<double> add_v = values_or<double>(add, d.batch * d.channels, 0.0);
+  at::Tensor no_average;  // no skip: nothing averaged, nothing written
+  if (d.channels_last()) {
+    ChannelsLastStats<T> stats(x, std::nullopt, no_average, add_v, d, eps, mean, rstd);
+    stats.run();
+    return;
+  }
+  ContiguousStats<T> stats(x, std::nullopt, no_average, add_v, d, eps, mean, rstd);
+  run_passes(
+      stats.units, d.batch * d.groups, d.per_group(),
+      [&](int64_t u, int64_t bc, int64_t offset, int64_t len) { stats.unit(u, bc, offset, len); },
+      [&](int64_t bg) { stats.finish(bg); }, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor> group_norm_silu_stats_cpu(const at::Tensor& x, const std::optional<at::Tensor>& add,
+                                                             int64_t groups, double eps) {
+  const GroupNormDims d = check_group_norm_silu_stats("patchddm::group_norm_silu_stats", x, add, groups, eps);
+  auto [mean, rstd] = group_norm_stats_outputs(x, d, eps);
+  if (x.numel() == 0) return {mean, rstd};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_silu_stats_cpu", [&] {
+    stats_impl<scalar_t>(x, add, d, eps, mean, rstd);
+  });
+  return {mean, rstd};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(patchddm, CPU, m) {
+  m.impl("group_norm_silu_stats", &group_norm_silu_stats_cpu);
   m.impl("group_norm_silu_forward", &group_norm_silu_forward_cpu);
   m.impl("group_norm_silu_backward", &group_norm_silu_backward_cpu);
   m.impl("group_norm_silu_apply", &group_norm_silu_apply_cpu);

@@ -1,6 +1,6 @@
 // Autograd of patchddm::group_norm_silu_forward, in C++ for every device (the Autograd key),
 // with the gradients from patchddm::group_norm_silu_backward; and the refusal of
-// group_norm_silu_apply(_out), which have none, to run on tensors that require grad.
+// group_norm_silu_apply(_out) and group_norm_silu_stats, which have none, to run on tensors that require grad.
 //
 // It does what patchddm_fast/ops/group_norm_silu.py's register_autograd does for the Triton
 // ops (the same saved tensors, the same outputs), without Python on the way: measured on the
@@ -101,10 +101,10 @@ Outputs group_norm_silu_forward_autograd(const at::Tensor& x, const std::optiona
   return {out[0], out[1], out[2], out[3]};
 }
 
-// group_norm_silu_apply(_out) have no gradient: on a tensor that requires grad while grad mode
+// group_norm_silu_apply(_out) and group_norm_silu_stats have no gradient: on a tensor that requires grad while grad mode
 // is on they refuse, as the Python op does, rather than return a result whose gradient would
 // silently be missing (PyTorch's fallback only warns, at backward); else they run below autograd.
-void apply_without_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+void without_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
   if (at::GradMode::is_enabled()) {
     const auto& args = op.schema().arguments();
     for (size_t i = 0; i < args.size(); ++i) {
@@ -122,8 +122,9 @@ void apply_without_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet k
 
 TORCH_LIBRARY_IMPL(patchddm, Autograd, m) {
   m.impl("group_norm_silu_forward", &group_norm_silu_forward_autograd);
-  m.impl("group_norm_silu_apply", torch::CppFunction::makeFromBoxedFunction<&apply_without_autograd>());
-  m.impl("group_norm_silu_apply_out", torch::CppFunction::makeFromBoxedFunction<&apply_without_autograd>());
+  m.impl("group_norm_silu_apply", torch::CppFunction::makeFromBoxedFunction<&without_autograd>());
+  m.impl("group_norm_silu_apply_out", torch::CppFunction::makeFromBoxedFunction<&without_autograd>());
+  m.impl("group_norm_silu_stats", torch::CppFunction::makeFromBoxedFunction<&without_autograd>());
 }
 
 }  // namespace patchddm

@@ -9,7 +9,7 @@ from ._backends import BackendUnavailable, FastOp, get_backend_override, set_bac
 from .avg_skip import avg_skip, avg_skip_reference
 from .assemble_input import assemble_input, assemble_input_reference, coord_encoding
 from .group_norm_silu import (group_norm_silu, group_norm_silu_apply, group_norm_silu_apply_reference,
-                              group_norm_silu_reference)
+                              group_norm_silu_reference, group_norm_silu_stats, group_norm_silu_stats_reference)
 from .noise_update import ddim_step, ddpm_step, noise_update_reference, philox_normal, q_sample
 from .philox import philox_normal_reference
 
@@ -22,5 +22,6 @@ __all__ = [
     "BackendUnavailable", "assemble_input", "assemble_input_reference", "avg_skip",
     "avg_skip_reference", "coord_encoding", "ddim_step", "ddpm_step", "get_backend_override",
     "group_norm_silu", "group_norm_silu_apply", "group_norm_silu_apply_reference", "group_norm_silu_reference",
+    "group_norm_silu_stats", "group_norm_silu_stats_reference",
     "noise_update_reference", "philox_normal", "philox_normal_reference", "q_sample", "set_backend",
 ]

@@ -1,5 +1,6 @@
 """GroupNorm + SiLU, with the timestep bias and the averaging skip fused in; and its second
-pass alone with given statistics (group_norm_silu_apply, below).
+pass alone with given statistics (group_norm_silu_apply, below), and its first pass alone, the
+statistics (group_norm_silu_stats).
 
     average = (x + skip) / 2                      (only when skip is given)
     u       = (average or x) + add[b, c]          (only when add is given)
@@ -32,6 +33,10 @@ NAME = "group_norm_silu"
 APPLY_OP = FastOp("group_norm_silu_apply", native="group_norm_silu_apply", cuda_order=("triton", "torch"),
                   module="group_norm_silu")
 APPLY_NAME = "group_norm_silu_apply"
+# No CUDA kernel either: the CUDA forward's statistics kernels are fused with its apply pass.
+STATS_OP = FastOp("group_norm_silu_stats", native="group_norm_silu_stats", cuda_order=("triton", "torch"),
+                  module="group_norm_silu")
+STATS_NAME = "group_norm_silu_stats"
 
 
 def group_norm_silu_reference(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int,
@@ -262,6 +267,17 @@ def group_norm_silu_apply_reference(x: torch.Tensor, mean: torch.Tensor, rstd: t
     return y.contiguous(memory_format=apply_layout(x) or torch.contiguous_format)
 
 
+def refuse_grad(name: str, **tensors: torch.Tensor | None) -> None:
+    """For the ops without autograd: an error, while grad mode is on, naming the first tensor
+    that requires grad (the compiled ops' Autograd kernel, without_autograd in
+    csrc/cpu/group_norm_silu_autograd.cpp, refuses the same)."""
+    if torch.is_grad_enabled():
+        for label, t in tensors.items():
+            if t is not None and t.requires_grad:
+                raise RuntimeError(f"{name} is not differentiable: {label} requires grad; call it under "
+                                   f"torch.no_grad() (or pass detached tensors)")
+
+
 def check_apply_arguments(name: str, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                           add: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
                           groups: int, out: torch.Tensor | None = None, *, kernel_layout: bool = False) -> None:
@@ -280,11 +296,7 @@ def check_apply_arguments(name: str, x: torch.Tensor, mean: torch.Tensor, rstd: 
                              f"(as group_norm_silu_forward returns it), got {tuple(t.shape)} {t.dtype} on {t.device}")
     if out is not None:
         check_like(name, "out", out, x, "x")
-    if torch.is_grad_enabled():
-        for label, t in (("x", x), ("mean", mean), ("rstd", rstd), ("add", add), ("weight", weight), ("bias", bias)):
-            if t is not None and t.requires_grad:
-                raise RuntimeError(f"{name} is not differentiable: {label} requires grad; call it under "
-                                   f"torch.no_grad() (or pass detached tensors)")
+    refuse_grad(name, x=x, mean=mean, rstd=rstd, add=add, weight=weight, bias=bias)
     if kernel_layout:
         layout = apply_layout(x)
         if layout is None:
@@ -342,6 +354,76 @@ def group_norm_silu_apply(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tenso
     return out.copy_(ops.group_norm_silu_apply(x, mean, rstd, add, weight, bias, groups))
 
 
+# -- the statistics alone -------------------------------------------------------------------------
+
+def empty_stats(mean: torch.Tensor, rstd: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The statistics of an empty x, as every backend gives them: mean 0, rstd 1 / sqrt(eps)."""
+    return mean.zero_(), rstd.fill_(1 / math.sqrt(eps))
+
+
+def group_norm_silu_stats_reference(x: torch.Tensor, add: torch.Tensor | None, groups: int,
+                                    eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-PyTorch group_norm_silu_stats (same arguments): the test oracle and the fallback.
+    var_mean in float32 (float64 for float64 x) of u = x + add minus each group's first value
+    of x, so that a large mean does not swamp a small spread (x - shift is exact where x is
+    near it; x + add rounded at |x| ~ 1000 would not be); the mean and rstd in float64 from it."""
+    acc = opmath_dtype(x.dtype)
+    batch, channels = x.shape[:2]
+    if x.numel() == 0:
+        return empty_stats(x.new_empty((batch, groups), dtype=acc), x.new_empty((batch, groups), dtype=acc), eps)
+    per_channel = (batch, channels) + (1,) * (x.dim() - 2)
+    shift = x.flatten(2)[:, ::channels // groups, 0].to(acc)  # (B, G)
+    u = x.to(acc) - shift.repeat_interleave(channels // groups, dim=1).reshape(per_channel)
+    if add is not None:
+        u = u + add.to(acc).reshape(per_channel)
+    var, mean = torch.var_mean(u.reshape(batch, groups, -1), dim=2, correction=0)
+    return (mean.double() + shift.double()).to(acc), (var.double() + eps).rsqrt().to(acc)
+
+
+def check_stats_arguments(name: str, x: torch.Tensor, add: torch.Tensor | None, groups: int, eps: float, *,
+                          kernel_layout: bool = False) -> None:
+    """The checks of every group_norm_silu_stats backend (check_group_norm_silu_stats in
+    csrc/group_norm_silu_args.h makes the same for the C++ kernel): the forward's, without skip,
+    weight and bias; kernel_layout: x contiguous, as the Triton kernels read it. Refuses inputs
+    that require grad while grad mode is on: the op has no autograd."""
+    check_arguments(name, x, None, add, None, None, groups, eps, kernel_layout=kernel_layout)
+    refuse_grad(name, x=x, add=add)
+
+
+def group_norm_silu_stats(x: torch.Tensor, add: torch.Tensor | None, groups: int, eps: float = 1e-5, *,
+                          backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """GroupNorm statistics of x + add: group_norm_silu's first pass alone.
+
+        u = x + add[b, c],  mean[b, g] = E[u],  rstd[b, g] = 1 / sqrt(E[(u - mean)^2] + eps)
+
+    over the C / groups channels of group g and every spatial element. Returns (mean, rstd),
+    (B, groups) float32 (float64 for float64 x): on the CPU the same bits as
+    torch.ops.patchddm.group_norm_silu_forward(x, None, add, weight, bias, groups, eps) returns
+    for its mean and rstd (the same code: per-channel sums shifted by the channel's first value,
+    float lanes within tiles, double across them, merged per group in double), so
+    group_norm_silu_apply(x, mean, rstd, add, weight, bias, groups) then gives that forward's y
+    bit for bit. For the slab forward: a whole tensor's statistics, then each slab applied.
+
+    x: (B, C, *spatial), float32, float16, bfloat16 or float64: contiguous or channels-last
+        (channels_last / channels_last_3d), read in place on the CPU; other strides are copied
+        to contiguous first (and channels-last too on the Triton and PyTorch backends).
+    add: (B, C) or None (any float dtype). eps: added to the variance (1e-5 as PatchDDM).
+
+    Not differentiable (an inference helper): refuses, with an error, inputs that require grad
+    while grad mode is on. No CUDA kernel: CUDA tensors run the Triton forward's statistics
+    kernels, else PyTorch (group_norm_silu_stats_reference).
+    """
+    check_stats_arguments(STATS_NAME, x, add, groups, eps)
+    groups, eps = operator.index(groups), float(eps)
+    choice = STATS_OP.resolve(x.device, backend)
+    if choice == "torch":
+        return group_norm_silu_stats_reference(x, add, groups, eps)
+    if not (choice == "cpp" and memory_format(x) != torch.contiguous_format):
+        x = x.contiguous()  # the CPU kernel reads channels-last x as it is; Triton contiguous only
+    ops = torch.ops.patchddm_triton if choice == "triton" else torch.ops.patchddm
+    return ops.group_norm_silu_stats(x, add, groups, eps)
+
+
 # -- fake kernels and autograd, shared by the compiled and the Triton ops ---------------------
 
 def fake_forward(x, skip, add, weight, bias, groups, eps):
@@ -357,6 +439,11 @@ def fake_backward(grad_out, grad_average, input, add, weight, bias, mean, rstd, 
         return input.new_empty(param.shape if param is not None else (0,), dtype=acc)
 
     return torch.empty_like(input), like(add), like(weight), like(bias)
+
+
+def fake_stats(x, add, groups, eps):
+    stats = x.new_empty((x.shape[0], groups), dtype=opmath_dtype(x.dtype))
+    return stats, torch.empty_like(stats)
 
 
 def fake_apply(x, mean, rstd, add, weight, bias, groups):
@@ -406,6 +493,7 @@ if EXTENSION.loaded:
     torch.library.register_fake("patchddm::group_norm_silu_forward")(fake_forward)
     torch.library.register_fake("patchddm::group_norm_silu_backward")(fake_backward)
     torch.library.register_fake("patchddm::group_norm_silu_apply")(fake_apply)
+    torch.library.register_fake("patchddm::group_norm_silu_stats")(fake_stats)
     torch.library.register_fake("patchddm::group_norm_silu_apply_out")(fake_apply_out)
     # The compiled op's autograd is registered in C++ (csrc/cpu/group_norm_silu_autograd.cpp:
     # the same as register_autograd, without the Python wrapper's cost on every call).

@@ -14,7 +14,7 @@ OPS = sorted(schemas())
 
 def test_schemas_def_lists_every_op():
     assert {"avg_skip", "group_norm_silu_forward", "group_norm_silu_backward", "group_norm_silu_apply",
-            "group_norm_silu_apply_out", "noise_update", "noise_update_out", "philox_normal", "assemble_input",
+            "group_norm_silu_apply_out", "group_norm_silu_stats", "noise_update", "noise_update_out", "philox_normal", "assemble_input",
             "assemble_input_out", "cpu_isa"} == set(OPS)
     assert mutated_args("group_norm_silu_apply_out") == ("out",)
     assert mutated_args("noise_update_out") == ("out", "x0_out")

@@ -13,6 +13,8 @@ Backward: chunk sums of dz, dz * xhat and xhat (dz = dy * silu'(z), recomputed f
           saved statistics) -> per channel coefficients and grad_add -> grad_input.
 Sums are float32 (float64 for float64 data), reduced as trees within a program.
 
+group_norm_silu_stats: the forward's first two kernels alone (its mean and rstd).
+
 group_norm_silu_apply: the forward's last kernel alone, with the caller's statistics, reading
 x and writing out at their strides (channel runs of a contiguous tensor or of a depth slab of
 one, or runs of rows of a channels-last one), its constants computed by the host in float64.
@@ -20,7 +22,6 @@ one, or runs of rows of a channels-last one), its constants computed by the host
 
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
@@ -29,7 +30,8 @@ import triton.language as tl
 from .._checks import opmath_dtype
 from .._schemas import triton_op
 from ..group_norm_silu import (apply_constants, apply_layout, check_apply_arguments, check_arguments,
-                               check_backward_arguments, fake_apply, fake_backward, fake_forward, register_autograd)
+                               check_backward_arguments, check_stats_arguments, empty_stats, fake_apply,
+                               fake_backward, fake_forward, fake_stats, register_autograd)
 from ._common import to_acc
 
 MAX_BLOCK = 1024     # elements per vector step of a program
@@ -326,16 +328,12 @@ def _params(t, dtype):
     return t.to(dtype).contiguous() if t is not None else None
 
 
-@triton_op("group_norm_silu_forward")
-def group_norm_silu_forward(x, skip, add, weight, bias, groups, eps):
-    check_arguments("patchddm_triton::group_norm_silu_forward", x, skip, add, weight, bias, groups, eps,
-                    kernel_layout=True)
+def _statistics(x, skip, average, add, weight, bias, groups, eps, mean, rstd):
+    """The forward's first two kernels, on a non-empty contiguous x: chunk sums (writing the
+    average when there is a skip), then per group mean and rstd into mean and rstd and the
+    per-channel constants of y = silu(a * scale + shift). Returns the constants (B * C, 2) and
+    the chunking, for the apply kernel. group_norm_silu_stats runs these alone."""
     acc = opmath_dtype(x.dtype)
-    y, average, mean, rstd = fake_forward(x, skip, add, weight, bias, groups, eps)
-    if x.numel() == 0:
-        mean.zero_()
-        rstd.fill_(1 / math.sqrt(eps))
-        return y, average, mean, rstd
     B, C = x.shape[:2]
     S = x[0, 0].numel()
     add_, w_, b_ = _params(add, acc), _params(weight, acc), _params(bias, acc)
@@ -345,7 +343,7 @@ def group_norm_silu_forward(x, skip, add, weight, bias, groups, eps):
     dummy = partials  # stands for absent optional tensors; never read
     has_skip = skip is not None
     _stats_kernel[(B * C, n_chunks)](
-        x, skip if has_skip else x, average if has_skip else y, partials, S, chunk, n_chunks,
+        x, skip if has_skip else x, average if has_skip else x, partials, S, chunk, n_chunks,
         HAS_SKIP=has_skip, BLOCK=block)
     _group_stats_kernel[(B * groups,)](
         x, skip if has_skip else x, partials, add_ if add is not None else dummy,
@@ -353,8 +351,31 @@ def group_norm_silu_forward(x, skip, add, weight, bias, groups, eps):
         S, C, C // groups, n_chunks, eps,
         HAS_SKIP=has_skip, HAS_ADD=add is not None, HAS_W=weight is not None, HAS_B=bias is not None,
         BLOCK_P=_partials_block(n_chunks))
-    _apply_kernel[(B * C, n_chunks)](average if has_skip else x, coef, y, S, chunk, BLOCK=block)
+    return coef, (block, chunk, n_chunks)
+
+
+@triton_op("group_norm_silu_forward")
+def group_norm_silu_forward(x, skip, add, weight, bias, groups, eps):
+    check_arguments("patchddm_triton::group_norm_silu_forward", x, skip, add, weight, bias, groups, eps,
+                    kernel_layout=True)
+    y, average, mean, rstd = fake_forward(x, skip, add, weight, bias, groups, eps)
+    if x.numel() == 0:
+        return (y, average) + empty_stats(mean, rstd, eps)
+    coef, (block, chunk, n_chunks) = _statistics(x, skip, average, add, weight, bias, groups, eps, mean, rstd)
+    B, C = x.shape[:2]
+    _apply_kernel[(B * C, n_chunks)](average if skip is not None else x, coef, y, x[0, 0].numel(), chunk,
+                                     BLOCK=block)
     return y, average, mean, rstd
+
+
+@triton_op("group_norm_silu_stats")
+def group_norm_silu_stats(x, add, groups, eps):
+    check_stats_arguments("patchddm_triton::group_norm_silu_stats", x, add, groups, eps, kernel_layout=True)
+    mean, rstd = fake_stats(x, add, groups, eps)
+    if x.numel() == 0:
+        return empty_stats(mean, rstd, eps)
+    _statistics(x, None, None, add, None, None, groups, eps, mean, rstd)
+    return mean, rstd
 
 
 @triton_op("group_norm_silu_backward")
@@ -430,4 +451,5 @@ def group_norm_silu_apply_out(x, mean, rstd, add, weight, bias, groups, out):
 group_norm_silu_forward.register_fake(fake_forward)
 group_norm_silu_backward.register_fake(fake_backward)
 group_norm_silu_apply.register_fake(fake_apply)
+group_norm_silu_stats.register_fake(fake_stats)
 register_autograd("patchddm_triton::group_norm_silu_forward", torch.ops.patchddm_triton.group_norm_silu_backward)
