@@ -5,9 +5,9 @@ output and the convolution's output at full size, on top of the encoder's skips.
 GroupNorm + SiLU in front of each convolution is applied to a few depth planes at a time,
 just before the convolution reads them, so a normalised tensor never exists at full size:
 
-  1. per-channel sums of the norm's input give each (batch, group)'s mean and rstd (the
-     statistics are global: they are gathered before anything is normalised; the timestep
-     bias enters through the sums, so the biased tensor is never formed either);
+  1. each (batch, group)'s mean and rstd of the norm's whole input (+ the timestep bias, never
+     formed as a tensor) come first (ops.group_norm_silu_stats: the fused norm's first pass);
+     the statistics are global, so they must be known before anything is normalised;
   2. each plane is normalised once (ops.group_norm_silu_apply: the fused norm's second pass
      with the statistics given), into a window of planes that rolls along depth, and a
      3x3x3 convolution of the window writes the slab of output planes it covers. Since the
@@ -21,10 +21,10 @@ tenth of one full-size convolution. What stays at full size is the decoder's inp
 convolution output plus the skips still on the stack: three tensors at the first decoder
 block of full resolution, against the plain forward's five (the original's six).
 
-The arithmetic is the plain forward's except for summation order: the statistics come from
-float64 sums of float32 slab sums (ops.group_norm_silu_apply then normalises exactly as the
-fused forward does with them), and a slab is convolved instead of the volume. Equal within
-float32 rounding, see tests/nn/test_streaming.py.
+The norms compute what the fused forward computes, bit for bit (its two passes with the same
+arithmetic); only the convolution of a slab instead of the volume changes summation order,
+and with it the bits of what follows. Equal within float32 rounding, see
+tests/nn/test_streaming.py.
 """
 
 from __future__ import annotations
@@ -34,22 +34,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
 
-from ..ops import group_norm_silu_apply
+from ..ops import group_norm_silu_apply, group_norm_silu_stats
 
 # Depth planes per slab: the slab's temporaries (the window of normalised planes, the
 # convolution's output) are about 3 * SLAB_PLANES / depth of one full-size tensor, and fewer,
 # larger convolution calls run faster. 8 planes keep the temporaries near a fifth of one
 # full-size tensor at 128^3 (a tenth at 256^3).
 SLAB_PLANES = 8
-# Levels with fewer than this many slabs run the plain blocks: their tensors are small (an
-# eighth of the full resolution's per halving, times the channel ratio) and the slab loop's
-# per-call overhead would cost more than their memory is worth.
+# Levels with fewer than this many slabs, or whose tensors are smaller than MIN_BYTES, run the
+# plain blocks: memory is not what limits them, and there slab convolutions ran slower (the
+# paper's network at 64^3 under bf16 autocast: 8-15% slower in slabs, 15 MiB per tensor; at
+# 128^3, 121 MiB, 5-15% faster; AMD EPYC, 2 threads).
 MIN_SLABS = 4
+MIN_BYTES = 32 * 2**20
 
 
-def streams(depth: int, planes: int | None) -> bool:
-    """Whether a level of this depth runs in slabs of `planes` (None: never)."""
-    return planes is not None and depth >= MIN_SLABS * planes
+def streams(depth: int, nbytes: int, planes: int | None) -> bool:
+    """Whether a level of this depth and these bytes per tensor runs in slabs of `planes`
+    (None: never)."""
+    return planes is not None and depth >= MIN_SLABS * planes and nbytes >= MIN_BYTES
 
 
 def _conv_fits(conv: nn.Conv3d) -> bool:
@@ -57,49 +60,6 @@ def _conv_fits(conv: nn.Conv3d) -> bool:
     k = conv.kernel_size[0]
     return (conv.stride == (1, 1, 1) and conv.dilation == (1, 1, 1) and conv.groups == 1
             and conv.padding_mode == "zeros" and k in (1, 3) and conv.padding[0] == k // 2)
-
-
-# -- GroupNorm statistics from per-channel sums ------------------------------------------------
-
-class Moments:
-    """Per-(batch, channel) sums of t and t^2 over the spatial dims, gathered slab by slab:
-    float32 sums of each slab (a cascade sum, no temporary; float64 for float64 tensors),
-    added up in float64."""
-
-    def __init__(self):
-        self.s1 = self.s2 = None
-        self.count = 0
-        self.dtype = torch.float32  # of the norm's arithmetic: float64 for float64 tensors
-
-    def add(self, t: torch.Tensor) -> None:
-        dims = tuple(range(2, t.dim()))
-        if t.dtype == torch.float64:
-            self.dtype = torch.float64
-        s1 = torch.sum(t, dims, dtype=self.dtype).double()
-        s2 = torch.linalg.vector_norm(t, 2, dims, dtype=self.dtype).double().square()
-        self.s1 = s1 if self.s1 is None else self.s1 + s1
-        self.s2 = s2 if self.s2 is None else self.s2 + s2
-        self.count += t[0, 0].numel()
-
-    @classmethod
-    def of(cls, t: torch.Tensor, planes: int) -> "Moments":
-        moments = cls()
-        for d0 in range(0, t.shape[2], planes):
-            moments.add(t[:, :, d0:d0 + planes])
-        return moments
-
-    def statistics(self, groups: int, eps: float, add: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, rstd) per (batch, group) of t + add[b, c] (add: the timestep bias, or None),
-        float32 (float64 for float64 tensors): what group_norm_silu_forward would return."""
-        s1, s2, n = self.s1, self.s2, self.count
-        batch, channels = s1.shape
-        if add is not None:  # sums of t + a: (t + a)^2 = t^2 + 2 a t + a^2
-            a = add.double()
-            s1, s2 = s1 + n * a, s2 + 2 * a * s1 + n * a * a
-        per_group = n * (channels // groups)
-        mean = s1.view(batch, groups, -1).sum(-1) / per_group
-        var = (s2.view(batch, groups, -1).sum(-1) / per_group - mean.square()).clamp_min(0)
-        return mean.to(self.dtype), (var + eps).rsqrt().to(self.dtype)
 
 
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding) -> torch.Tensor:
@@ -115,11 +75,12 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padd
 
 
 class _Norm:
-    """A fused norm's normalisation with the statistics of the whole tensor, for its slabs."""
+    """A fused norm's normalisation with the statistics of the whole tensor t (+ add, the
+    timestep bias), applied to slabs: the fused forward's two passes, taken apart."""
 
-    def __init__(self, norm: nn.Module, moments: Moments, add: torch.Tensor | None = None):
+    def __init__(self, norm: nn.Module, t: torch.Tensor, add: torch.Tensor | None = None):
         self.norm, self.add = norm, add
-        self.mean, self.rstd = moments.statistics(norm.num_groups, norm.eps, add)
+        self.mean, self.rstd = group_norm_silu_stats(t, add, norm.num_groups, norm.eps)
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor) -> None:
         group_norm_silu_apply(x, self.mean, self.rstd, self.add, self.norm.weight, self.norm.bias,
@@ -129,12 +90,11 @@ class _Norm:
 # -- the slab loop -----------------------------------------------------------------------------
 
 def norm_conv(src: torch.Tensor, norm: _Norm, conv: nn.Conv3d, dst: torch.Tensor | None, planes: int,
-              residual=None, moments: Moments | None = None) -> torch.Tensor:
+              residual=None) -> torch.Tensor:
     """dst = conv(norm(src)) [+ residual(d0, d1) per slab], slab by slab.
 
     dst: the output buffer (allocated when None), which may be src itself. residual: a
-    function of the slab's depth range returning the tensor to add. moments: gathers the
-    output's per-channel sums on the way (for the next norm)."""
+    function of the slab's depth range returning the tensor to add."""
     depth = src.shape[2]
     halo = conv.kernel_size[0] // 2
     padding = (0,) + tuple(conv.padding[1:])
@@ -164,8 +124,6 @@ def norm_conv(src: torch.Tensor, norm: _Norm, conv: nn.Conv3d, dst: torch.Tensor
             dst = torch.empty(out.shape[:2] + (depth,) + out.shape[3:], dtype=out.dtype,
                               device=out.device, memory_format=_layout(out))
         dst[:, :, d0:d1] = out
-        if moments is not None:
-            moments.add(out)
         del out
     return dst
 
@@ -196,18 +154,15 @@ class RecomputedConv:
 
 # -- blocks -------------------------------------------------------------------------------------
 
-def average_into(x: torch.Tensor, skip, planes: int) -> Moments:
-    """x = (x + skip) / 2 in place (skip: a tensor or a RecomputedConv), slab by slab, and
-    the average's moments. Halving is exact: one rounding, as the plain block's."""
-    moments = Moments()
+def average_into(x: torch.Tensor, skip, planes: int) -> None:
+    """x = (x + skip) / 2 in place (skip: a tensor or a RecomputedConv), slab by slab.
+    Halving is exact: one rounding, as the plain block's."""
     for d0 in range(0, x.shape[2], planes):
         d1 = min(d0 + planes, x.shape[2])
         part = x[:, :, d0:d1]
         other = skip.slab(d0, d1) if isinstance(skip, RecomputedConv) else skip[:, :, d0:d1]
         part.add_(other).mul_(0.5)
         del other
-        moments.add(part)
-    return moments
 
 
 def resblock(block: nn.Module, inputs: list, emb: torch.Tensor, planes: int) -> torch.Tensor:
@@ -217,13 +172,10 @@ def resblock(block: nn.Module, inputs: list, emb: torch.Tensor, planes: int) -> 
     x, skip = inputs
     inputs.clear()
     if skip is not None:
-        moments = average_into(x, skip, planes)
+        average_into(x, skip, planes)
         del skip
-    else:
-        moments = Moments.of(x, planes)
-    inner = Moments()
-    h = norm_conv(x, _Norm(block.in_layers[0], moments), block.in_layers[2], None, planes, moments=inner)
-    norm2 = _Norm(block.out_layers[0], inner, block.emb_layers(emb))
+    h = norm_conv(x, _Norm(block.in_layers[0], x), block.in_layers[2], None, planes)
+    norm2 = _Norm(block.out_layers[0], h, block.emb_layers(emb))
     if isinstance(block.skip_connection, nn.Identity):
         def residual(d0, d1):
             return x[:, :, d0:d1]
@@ -247,4 +199,4 @@ def block_fits(block: nn.Module) -> bool:
 
 def head(out_head: nn.Module, x: torch.Tensor, planes: int) -> torch.Tensor:
     """The output head (norm, SiLU, convolution) slab by slab."""
-    return norm_conv(x, _Norm(out_head[0], Moments.of(x, planes)), out_head[2], None, planes)
+    return norm_conv(x, _Norm(out_head[0], x), out_head[2], None, planes)

@@ -412,7 +412,9 @@ class UNet3D(nn.Module):
         frequencies = timestep_embedding(timesteps, self.config.model_channels)
         emb = self.time_embed(frequencies.to(self.time_embed[0].weight.dtype))
 
-        if self.fused and not torch.is_grad_enabled() and streaming.streams(x.shape[2], self.slab_planes):
+        level0_bytes = x.shape[0] * self.config.model_channels * x[0, 0].numel() * x.element_size()
+        if self.fused and not torch.is_grad_enabled() and streaming.streams(x.shape[2], level0_bytes,
+                                                                            self.slab_planes):
             return self._forward_in_slabs(x, emb)
         skips = []
         h = x
@@ -457,13 +459,13 @@ class UNet3D(nn.Module):
             h = self._block_in_slabs(block[0], inputs, emb, planes)
             if len(block) > 1:
                 h = block[1](h)
-        if streaming.streams(h.shape[2], planes):
+        if streaming.streams(h.shape[2], h.nbytes, planes):
             return streaming.head(self.out, h, planes)
         return self.out(h)
 
     @staticmethod
     def _block_in_slabs(block: ResBlock, inputs: list, emb: torch.Tensor, planes: int) -> torch.Tensor:
-        if streaming.streams(inputs[0].shape[2], planes) and streaming.block_fits(block):
+        if streaming.streams(inputs[0].shape[2], inputs[0].nbytes, planes) and streaming.block_fits(block):
             return streaming.resblock(block, inputs, emb, planes)
         if isinstance(inputs[1], streaming.RecomputedConv):
             inputs[1] = inputs[1].full()
