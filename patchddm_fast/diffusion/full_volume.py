@@ -22,6 +22,7 @@ The sampler runs the plan; checking and padding the volume are volume_input's, t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -170,7 +171,7 @@ class FullVolumeSampler:
                            out=x)
             t = int(self.scheduler.timesteps[0])
             external = [x, *_module_tensors(self.model)]
-            with torch.no_grad():
+            with torch.no_grad(), _slabs_as_for(self.model, math.prod(probe) / math.prod(window)):
                 peak = forward_peak_bytes(
                     lambda: predict_noise(self.model, x, t, (1, XT_CHANNELS) + probe, self.precision), external)
             self._forward_bytes_per_voxel[key] = peak / math.prod(probe)
@@ -262,6 +263,24 @@ class FullVolumeSampler:
 
     def _coord_shape(self, padded_volume: torch.Tensor) -> tuple:
         return self.coord_shape or tuple(padded_volume.shape[2:])
+
+
+@contextlib.contextmanager
+def _slabs_as_for(model, ratio: float):
+    """While a probe of `ratio` times a window's voxels runs, the levels of a patchddm_fast
+    U-Net run in slabs where they will on the window (nn.streaming: its tensors' bytes shrink
+    with the probe, the threshold with them), so that the probe measures that pass's memory."""
+    if not hasattr(model, "slab_min_bytes"):
+        yield
+        return
+    from ..nn import streaming
+
+    saved = model.slab_min_bytes
+    model.slab_min_bytes = int((streaming.MIN_BYTES if saved is None else saved) * ratio)
+    try:
+        yield
+    finally:
+        model.slab_min_bytes = saved
 
 
 def _module_tensors(model) -> list:

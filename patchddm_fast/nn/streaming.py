@@ -49,10 +49,11 @@ MIN_SLABS = 4
 MIN_BYTES = 32 * 2**20
 
 
-def streams(depth: int, nbytes: int, planes: int | None) -> bool:
+def streams(depth: int, nbytes: int, planes: int | None, min_bytes: int | None = None) -> bool:
     """Whether a level of this depth and these bytes per tensor runs in slabs of `planes`
-    (None: never)."""
-    return planes is not None and depth >= MIN_SLABS * planes and nbytes >= MIN_BYTES
+    (None: never); min_bytes: MIN_BYTES unless given."""
+    return (planes is not None and depth >= MIN_SLABS * planes
+            and nbytes >= (MIN_BYTES if min_bytes is None else min_bytes))
 
 
 def _conv_fits(conv: nn.Conv3d) -> bool:

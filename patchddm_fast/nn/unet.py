@@ -284,7 +284,9 @@ class UNet3D(nn.Module):
     slab_planes (attribute): without gradients, the fused network runs its large levels slab
         by slab along depth, this many planes at a time (nn/streaming.py: about half the
         memory of the whole-tensor forward, the same result within float32 rounding);
-        None runs every level whole.
+        None runs every level whole. slab_min_bytes (attribute, None: streaming.MIN_BYTES):
+        levels whose tensors are smaller run whole (a probe of a large volume lowers it, so
+        that it runs the levels in slabs as the volume will).
 
     x: (B, in_channels, D, H, W) with D, H, W multiples of 2^(levels-1); timesteps: (B,)
     integer or float (or a scalar for all). Returns (B, out_channels, D, H, W).
@@ -297,6 +299,7 @@ class UNet3D(nn.Module):
         self.config, self.fused = config, fused
         self.channels_last = channels_last
         self.slab_planes: int | None = streaming.SLAB_PLANES
+        self.slab_min_bytes: int | None = None
         modes = _per_level(checkpoint, config.levels)
         mc, groups, emb_ch = config.model_channels, config.groups, 4 * config.model_channels
         resblock = partial(ResBlock, emb_channels=emb_ch, groups=groups, dropout=config.dropout, fused=fused)
@@ -413,8 +416,7 @@ class UNet3D(nn.Module):
         emb = self.time_embed(frequencies.to(self.time_embed[0].weight.dtype))
 
         level0_bytes = x.shape[0] * self.config.model_channels * x[0, 0].numel() * x.element_size()
-        if self.fused and not torch.is_grad_enabled() and streaming.streams(x.shape[2], level0_bytes,
-                                                                            self.slab_planes):
+        if self.fused and not torch.is_grad_enabled() and self._streams(x.shape[2], level0_bytes):
             return self._forward_in_slabs(x, emb)
         skips = []
         h = x
@@ -459,13 +461,15 @@ class UNet3D(nn.Module):
             h = self._block_in_slabs(block[0], inputs, emb, planes)
             if len(block) > 1:
                 h = block[1](h)
-        if streaming.streams(h.shape[2], h.nbytes, planes):
+        if self._streams(h.shape[2], h.nbytes):
             return streaming.head(self.out, h, planes)
         return self.out(h)
 
-    @staticmethod
-    def _block_in_slabs(block: ResBlock, inputs: list, emb: torch.Tensor, planes: int) -> torch.Tensor:
-        if streaming.streams(inputs[0].shape[2], inputs[0].nbytes, planes) and streaming.block_fits(block):
+    def _streams(self, depth: int, nbytes: int) -> bool:
+        return streaming.streams(depth, nbytes, self.slab_planes, self.slab_min_bytes)
+
+    def _block_in_slabs(self, block: ResBlock, inputs: list, emb: torch.Tensor, planes: int) -> torch.Tensor:
+        if self._streams(inputs[0].shape[2], inputs[0].nbytes) and streaming.block_fits(block):
             return streaming.resblock(block, inputs, emb, planes)
         if isinstance(inputs[1], streaming.RecomputedConv):
             inputs[1] = inputs[1].full()

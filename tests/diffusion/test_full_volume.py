@@ -203,3 +203,34 @@ def test_bad_inputs():
 def test_training_mode_warns():
     with pytest.warns(UserWarning, match="training mode"):
         _sampler(LocalConvModel(size_multiple=4), member_bytes=1).sample(_volume(), seed=0)
+
+
+def test_the_memory_probe_of_a_large_volume_measures_the_slab_pass():
+    # The U-Net runs the levels of a large volume in slabs (nn.streaming), which its small
+    # probe's tensors are too small for on their own: the probe must measure the slab pass, or
+    # the plan would ask for the whole-tensor pass's memory (here 1.5x) and refuse volumes that
+    # fit. Counted exactly on fake tensors at the window's size, both ways.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from patchddm_fast.diffusion.memory import LiveTensorBytes
+    from patchddm_fast.nn import SMALL, UNet3D
+
+    def counted(planes):
+        with FakeTensorMode():
+            model = UNet3D(SMALL).eval()
+            model.slab_planes = planes
+            x, t = torch.empty((1, SMALL.in_channels) + (128,) * 3), torch.zeros(1, dtype=torch.int64)
+            with LiveTensorBytes(list(model.parameters()) + [x, t], fake_tensors=True) as tracker, torch.no_grad():
+                out = model(x, t)
+                del out
+            return tracker.peak / 128 ** 3
+
+    model = UNet3D(SMALL).eval()
+    sampler = _sampler(model, image_channels=4)
+    sampler.plan(torch.zeros((4,) + (128,) * 3))
+    (estimate,) = sampler._forward_bytes_per_voxel.values()
+    slabs, whole = counted(model.slab_planes), counted(None)
+    # The probe (32^3) holds a slab of 8 of its 32 planes where the volume holds 8 of 128:
+    # measured 1.07x the volume's slab pass, against 1.48x for the whole-tensor pass.
+    assert slabs <= estimate <= 1.15 * slabs < whole
+    assert model.slab_min_bytes is None  # the probe's threshold is put back
