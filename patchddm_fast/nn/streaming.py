@@ -140,7 +140,6 @@ class RecomputedConv:
 
     def __init__(self, conv: nn.Conv3d, x: torch.Tensor):
         self.conv, self.x = conv, x
-        self.shape = (x.shape[0], conv.out_channels) + tuple(x.shape[2:])
 
     def full(self) -> torch.Tensor:
         return self.conv(self.x)

@@ -415,6 +415,7 @@ class UNet3D(nn.Module):
         frequencies = timestep_embedding(timesteps, self.config.model_channels)
         emb = self.time_embed(frequencies.to(self.time_embed[0].weight.dtype))
 
+        # The full-resolution tensors' bytes, in x's dtype (under autocast they take half).
         level0_bytes = x.shape[0] * self.config.model_channels * x[0, 0].numel() * x.element_size()
         if self.fused and not torch.is_grad_enabled() and self._streams(x.shape[2], level0_bytes):
             return self._forward_in_slabs(x, emb)
