@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
 
 from ..ops import group_norm_silu_apply, group_norm_silu_stats
+from ..ops.group_norm_silu import memory_format
 
 # Depth planes per slab: the slab's temporaries (the window of normalised planes, the
 # convolution's output) are about 3 * SLAB_PLANES / depth of one full-size tensor, and fewer,
@@ -102,7 +103,7 @@ def norm_conv(src: torch.Tensor, norm: _Norm, conv: nn.Conv3d, dst: torch.Tensor
     # The window holds the normalised planes d0 - halo .. d1 + halo - 1 of the slab [d0, d1):
     # the 2 * halo planes it shares with the next slab move to its front, the rest are new.
     window = torch.empty(src.shape[:2] + (min(planes, depth) + 2 * halo,) + src.shape[3:], dtype=src.dtype,
-                         device=src.device, memory_format=_layout(src))
+                         device=src.device, memory_format=memory_format(src))
     if halo:
         window[:, :, :halo].zero_()
         norm(src[:, :, :halo], window[:, :, halo:2 * halo])
@@ -123,16 +124,10 @@ def norm_conv(src: torch.Tensor, norm: _Norm, conv: nn.Conv3d, dst: torch.Tensor
             del add
         if dst is None:
             dst = torch.empty(out.shape[:2] + (depth,) + out.shape[3:], dtype=out.dtype,
-                              device=out.device, memory_format=_layout(out))
+                              device=out.device, memory_format=memory_format(out))
         dst[:, :, d0:d1] = out
         del out
     return dst
-
-
-def _layout(t: torch.Tensor) -> torch.memory_format:
-    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
 
 
 class RecomputedConv:

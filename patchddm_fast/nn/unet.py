@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
+from ..ops.group_norm_silu import memory_format
 from .config import PAPER, SMALL, UNetConfig
 from .norm import FusedGroupNormSiLU, GroupNorm32, norm_act
 from . import streaming
@@ -214,10 +215,8 @@ def upsample_conv_by_parity(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
                 k = torch.einsum("pi,qj,rk,ocijk->ocpqr", taps[a], taps[b], taps[c], weight)
                 part = F.conv3d(xp[:, :, a:a + d + 1, b:b + h + 1, c:c + w + 1], k, bias)
                 if out is None:
-                    memory_format = (torch.channels_last_3d if part.is_contiguous(memory_format=torch.channels_last_3d)
-                                     and not part.is_contiguous() else torch.contiguous_format)
                     out = torch.empty((n, part.shape[1], 2 * d, 2 * h, 2 * w), dtype=part.dtype,
-                                      device=part.device, memory_format=memory_format)
+                                      device=part.device, memory_format=memory_format(part))
                 out[:, :, a::2, b::2, c::2] = part
                 del part
     return out
@@ -286,7 +285,9 @@ class UNet3D(nn.Module):
         memory of the whole-tensor forward, the same result within float32 rounding);
         None runs every level whole. slab_min_bytes (attribute, None: streaming.MIN_BYTES):
         levels whose tensors are smaller run whole (a probe of a large volume lowers it, so
-        that it runs the levels in slabs as the volume will).
+        that it runs the levels in slabs as the volume will). The slab pass calls the
+        convolutions' weights directly: forward hooks on those Conv3d modules do not run
+        there (slab_planes = None keeps them).
 
     x: (B, in_channels, D, H, W) with D, H, W multiples of 2^(levels-1); timesteps: (B,)
     integer or float (or a scalar for all). Returns (B, out_channels, D, H, W).
@@ -415,63 +416,45 @@ class UNet3D(nn.Module):
         frequencies = timestep_embedding(timesteps, self.config.model_channels)
         emb = self.time_embed(frequencies.to(self.time_embed[0].weight.dtype))
 
-        # The full-resolution tensors' bytes, in x's dtype (under autocast they take half).
+        # Without gradients the large levels run slab by slab (nn/streaming.py); the input
+        # convolution's output, the first skip, is then recomputed when the decoder needs it
+        # instead of kept through the whole pass. The full-resolution tensors' bytes are
+        # reckoned in x's dtype (under autocast they take half).
         level0_bytes = x.shape[0] * self.config.model_channels * x[0, 0].numel() * x.element_size()
-        if self.fused and not torch.is_grad_enabled() and self._streams(x.shape[2], level0_bytes):
-            return self._forward_in_slabs(x, emb)
-        skips = []
-        h = x
-        for (layer,) in self.input_blocks:
-            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+        slabs = self.fused and not torch.is_grad_enabled() and self._streams(x.shape[2], level0_bytes)
+        input_conv = self.input_blocks[0][0]
+        h = input_conv(x)
+        skips = [streaming.RecomputedConv(input_conv, x) if slabs else h]
+        for (layer,) in self.input_blocks[1:]:
+            if not isinstance(layer, ResBlock):
+                h = layer(h)
+            else:
+                h = self._block_in_slabs(layer, [h, None], emb) if slabs else layer(h, emb)
             skips.append(h)
         for block in self.middle_block:
-            h = block(h, emb)
+            h = self._block_in_slabs(block, [h, None], emb) if slabs else block(h, emb)
         for block in self.output_blocks:
             # Hand h and the skip over without keeping a reference here, so that the block
             # frees them once averaged (called directly, so Module.__call__ holds none either).
             inputs = [h, skips.pop()]
             del h
-            h = block[0].consume(inputs, emb, overwrite=True)
-            if len(block) > 1:
-                h = block[1](h)
-        return self.out(h)
-
-    def _forward_in_slabs(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """forward without gradients, the levels deep enough (streaming.streams) slab by slab.
-        The input convolution's output, the first skip, is recomputed when the decoder needs
-        it rather than kept through the whole pass."""
-        planes = self.slab_planes
-        input_conv = self.input_blocks[0][0]
-        h = input_conv(x)
-        skips = [streaming.RecomputedConv(input_conv, x)]
-        for (layer,) in self.input_blocks[1:]:
-            if isinstance(layer, ResBlock):
-                inputs = [h, None]
-                del h
-                h = self._block_in_slabs(layer, inputs, emb, planes)
+            if slabs:
+                h = self._block_in_slabs(block[0], inputs, emb)
             else:
-                h = layer(h)
-            skips.append(h)
-        for block in self.middle_block:
-            inputs = [h, None]
-            del h
-            h = self._block_in_slabs(block, inputs, emb, planes)
-        for block in self.output_blocks:
-            inputs = [h, skips.pop()]
-            del h
-            h = self._block_in_slabs(block[0], inputs, emb, planes)
+                h = block[0].consume(inputs, emb, overwrite=True)
             if len(block) > 1:
                 h = block[1](h)
-        if self._streams(h.shape[2], h.nbytes):
-            return streaming.head(self.out, h, planes)
+        if slabs and self._streams(h.shape[2], h.nbytes):
+            return streaming.head(self.out, h, self.slab_planes)
         return self.out(h)
 
     def _streams(self, depth: int, nbytes: int) -> bool:
         return streaming.streams(depth, nbytes, self.slab_planes, self.slab_min_bytes)
 
-    def _block_in_slabs(self, block: ResBlock, inputs: list, emb: torch.Tensor, planes: int) -> torch.Tensor:
+    def _block_in_slabs(self, block: ResBlock, inputs: list, emb: torch.Tensor) -> torch.Tensor:
+        """A ResBlock of the slab pass: in slabs where its level streams, else whole."""
         if self._streams(inputs[0].shape[2], inputs[0].nbytes) and streaming.block_fits(block):
-            return streaming.resblock(block, inputs, emb, planes)
+            return streaming.resblock(block, inputs, emb, self.slab_planes)
         if isinstance(inputs[1], streaming.RecomputedConv):
             inputs[1] = inputs[1].full()
         return block.consume(inputs, emb, overwrite=True)
