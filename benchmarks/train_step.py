@@ -9,6 +9,11 @@ alike), one warm-up step each, the fastest round kept; wall and process CPU seco
                            without recomputation ("off"), and in channels_last_3d
   ours auto                the trainer's automatic settings for this device (fast_settings:
                            bfloat16 autocast and channels_last_3d on a CPU with native bf16)
+  ours auto, oneDNN weight gradient
+                           the same with every convolution's weight gradient from oneDNN
+                           (nn/conv.py's weight_grad_choice = "onednn"): what our bfloat16
+                           weight-gradient kernel adds
+  ours auto, checkpoint off  the same without recomputation
 
     python -m benchmarks.train_step --size 64 --rounds 3
 """
@@ -23,13 +28,23 @@ import torch
 from benchmarks.workloads import training_step
 
 
-def _case(variant: str, precision: str, checkpoint: str, channels_last: bool, size: int, preset: str):
+def _case(variant: str, precision: str, checkpoint: str, channels_last: bool, size: int, preset: str,
+          weight_grad: str = "auto"):
+    from patchddm_fast.nn import conv
+
     # The original draws the noise ours draws (philox), so that their losses can be compared.
-    run = training_step(variant, preset, size, 1, precision, checkpoint=checkpoint, baseline_noise="philox")
+    step = training_step(variant, preset, size, 1, precision, checkpoint=checkpoint, baseline_noise="philox")
     if channels_last:
-        model = run.held[0]
+        model = step.held[0]
         model.channels_last = True
         model.to(memory_format=torch.channels_last_3d)
+
+    def run():
+        conv.weight_grad_choice = weight_grad
+        try:
+            return step()
+        finally:
+            conv.weight_grad_choice = "auto"
     return run
 
 
@@ -51,8 +66,10 @@ def main(argv=None) -> None:
         "ours float32 (cheap, channels_last)": ("ours", "float32", "cheap", True),
         f"ours auto ({fast.precision}, {'channels_last' if fast.channels_last else 'contiguous'}, cheap)":
             ("ours", auto_precision, "cheap", fast.channels_last),
+        "ours auto, oneDNN weight gradient": ("ours", auto_precision, "cheap", fast.channels_last, "onednn"),
+        "ours auto, checkpoint off": ("ours", auto_precision, "off", fast.channels_last),
     }
-    runs = {name: _case(*spec, args.size, args.preset) for name, spec in cases.items()}
+    runs = {name: _case(*spec[:4], args.size, args.preset, *spec[4:]) for name, spec in cases.items()}
     # Checked first: the warm-up step's loss (same weights, data and noise) of every float32
     # case against the original's: float32 rounding through the network and the fused norms
     # may move it in the last bits (equal to the bit on the small preset at 16^3; 1e-4 leaves

@@ -164,7 +164,8 @@ def training_step(variant: str = "ours", preset: str = "small", size=32, batch: 
     baseline_noise="philox" draws the noise that ours draws instead, so that both compute the
     same loss (for checks). ours: the patch input written once into a buffer (as our data
     pipeline does) and diffusion_loss, which writes x_t into it with the fused q_sample and
-    regenerates the noise for the loss.
+    regenerates the noise for the loss; the trainer's fused AdamW (the original: PyTorch's
+    default, a loop over the parameters).
     """
     from patchddm_fast.diffusion import NoiseSchedule, diffusion_loss
     from patchddm_fast.ops import coord_encoding, philox_normal
@@ -174,7 +175,8 @@ def training_step(variant: str = "ours", preset: str = "small", size=32, batch: 
 
     shape = _spatial(size, preset)
     model = make_model(preset, variant, device, train=True, checkpoint=checkpoint)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    fused = variant == "ours" and torch.device(device).type in ("cpu", "cuda")  # as the trainer
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused)
     schedule = NoiseSchedule.linear()
     generator = torch.Generator().manual_seed(2)
     condition = torch.cat([torch.randn((batch, 4) + shape, generator=generator),

@@ -15,6 +15,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from .conv import conv3d_backward
+
 # pre(x, add, skip) -> (average or None, y); called with skip=None on the stored average.
 Pre = Callable[[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"],
                "tuple[torch.Tensor | None, torch.Tensor]"]
@@ -51,15 +53,12 @@ class _RecomputedPreConv(torch.autograd.Function):
             add_ = add.detach().requires_grad_(needs[5]) if add is not None else None
             _, y = ctx.pre(stored_, add_, None)
 
-        conv = ctx.conv
         weight = conv_params[0]
         has_bias = len(conv_params) > 1
         compute = grad_out.dtype  # the convolution's dtype (lower under autocast)
-        grad_y, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-            grad_out, y.detach().to(compute), weight.detach().to(compute),
-            [weight.shape[0]] if has_bias else None, list(conv.stride), list(conv.padding),
-            list(conv.dilation), False, [0] * len(conv.stride), conv.groups,
-            [True, needs[6 + ctx.num_pre_params], has_bias and needs[7 + ctx.num_pre_params]])
+        grad_y, grad_weight, grad_bias = conv3d_backward(
+            ctx.conv, grad_out, y.detach().to(compute), weight.detach().to(compute),
+            (True, needs[6 + ctx.num_pre_params], has_bias and needs[7 + ctx.num_pre_params]))
 
         targets = [t for t in (stored_, add_, *pre_params) if t is not None and t.requires_grad]
         found = dict(zip(map(id, targets), torch.autograd.grad(y, targets, grad_y.to(y.dtype)))

@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from ..ops.group_norm_silu import memory_format
 from .config import PAPER, SMALL, UNetConfig
+from .conv import Conv3d
 from .norm import FusedGroupNormSiLU, GroupNorm32, norm_act
 from . import streaming
 from .recompute import draw_seed, recomputed_pre_conv, seeded_dropout
@@ -58,8 +59,9 @@ def _norm_layers(fused: bool, groups: int, channels: int) -> list[nn.Module]:
     return [GroupNorm32(groups, channels), nn.SiLU()]
 
 
-def _conv3(cin: int, cout: int, stride: int = 1) -> nn.Conv3d:
-    return nn.Conv3d(cin, cout, 3, stride=stride, padding=1)
+def _conv3(cin: int, cout: int, stride: int = 1, fused: bool = False) -> nn.Conv3d:
+    # The fused network's Conv3d: our bfloat16 weight gradient where it is faster (nn/conv.py).
+    return (Conv3d if fused else nn.Conv3d)(cin, cout, 3, stride=stride, padding=1)
 
 
 class ResBlock(nn.Module):
@@ -75,10 +77,11 @@ class ResBlock(nn.Module):
                  dropout: float = 0.0, fused: bool = True, checkpoint: str = "off"):
         super().__init__()
         self.fused, self.checkpoint, self.dropout = fused, checkpoint, dropout
-        self.in_layers = nn.Sequential(*_norm_layers(fused, groups, channels), _conv3(channels, out_channels))
+        self.in_layers = nn.Sequential(*_norm_layers(fused, groups, channels),
+                                       _conv3(channels, out_channels, fused=fused))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(*_norm_layers(fused, groups, out_channels), nn.Dropout(dropout),
-                                        _conv3(out_channels, out_channels))
+                                        _conv3(out_channels, out_channels, fused=fused))
         self.skip_connection = (nn.Identity() if out_channels == channels
                                 else nn.Conv3d(channels, out_channels, 1))
 
@@ -229,7 +232,7 @@ class Upsample(nn.Module):
     def __init__(self, channels: int, fused: bool = True, checkpoint: str = "off"):
         super().__init__()
         self.fused, self.checkpoint = fused, checkpoint
-        self.conv = _conv3(channels, channels)
+        self.conv = _conv3(channels, channels, fused=fused)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused and not torch.is_grad_enabled():
@@ -245,7 +248,7 @@ class OutputHead(nn.Sequential):
 
     def __init__(self, channels: int, out_channels: int, groups: int, fused: bool = True,
                  checkpoint: str = "off"):
-        super().__init__(*_norm_layers(fused, groups, channels), _conv3(channels, out_channels))
+        super().__init__(*_norm_layers(fused, groups, channels), _conv3(channels, out_channels, fused=fused))
         self.checkpoint = checkpoint
 
     def _pre(self, x, add, skip):
@@ -307,7 +310,7 @@ class UNet3D(nn.Module):
 
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
 
-        self.input_blocks = nn.ModuleList([nn.ModuleList([_conv3(config.in_channels, mc)])])
+        self.input_blocks = nn.ModuleList([nn.ModuleList([_conv3(config.in_channels, mc, fused=fused)])])
         skip_channels, ch = [mc], mc
         for level, c in enumerate(config.level_channels):
             for _ in range(config.num_res_blocks):

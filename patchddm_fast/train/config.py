@@ -135,7 +135,10 @@ class TrainConfig:
     def execution(self, device) -> tuple["TrainConfig", str]:
         """(this config with precision and channels_last resolved for `device`, one line saying
         what was chosen and why). Values given explicitly are kept; None takes fast_settings."""
+        import torch
+
         from ..fast_settings import fast_settings
+        from ..nn.conv import weight_grad_kernel_chosen
 
         fast = fast_settings(device)
         precision = self.precision if self.precision is not None else fast.precision
@@ -143,7 +146,9 @@ class TrainConfig:
         auto = [name for name in ("precision", "channels_last") if getattr(self, name) is None]
         origin = f"auto for {fast.reason}: {', '.join(auto)}" if auto else "as given"
         line = (f"execution: {precision}, {'channels_last_3d' if channels_last else 'contiguous'} "
-                f"({origin})")
+                f"({origin}); recomputation {self.memory_option}")
+        if precision == "bf16" and torch.device(device).type == "cpu" and weight_grad_kernel_chosen():
+            line += "; bfloat16 weight gradients of the full-size convolutions from patchddm's kernel"
         return self.replace(precision=precision, channels_last=channels_last), line
 
     def lr_at(self, step: int) -> float:

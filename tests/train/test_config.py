@@ -121,6 +121,7 @@ def test_runs_recorded_before_the_prediction_type_setting_predicted_the_noise(tm
 
 def test_auto_execution_takes_the_device_settings(monkeypatch):
     from patchddm_fast import fast_settings as fs
+    from patchddm_fast.nn.conv import weight_grad_kernel_chosen
 
     for native in (True, False):
         monkeypatch.setattr(fs, "cpu_flags", lambda native=native: frozenset({"avx512_bf16"} if native else ()))
@@ -131,6 +132,8 @@ def test_auto_execution_takes_the_device_settings(monkeypatch):
         assert (resolved.precision, resolved.channels_last) == (expected.precision, expected.channels_last)
         assert resolved.precision == ("bf16" if native else "fp32")
         assert line.startswith(f"execution: {resolved.precision}, ") and "auto" in line
+        assert f"recomputation {c.memory_option}" in line
+        assert ("patchddm's kernel" in line) == (native and weight_grad_kernel_chosen())
         assert "\n" not in line
 
 
