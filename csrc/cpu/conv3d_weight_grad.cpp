@@ -17,9 +17,10 @@
 //    the row pair (h, h + 1) at tap (kh, kw) is xp[h + kh][w + kw], one broadcast, whatever the
 //    tap (pairing along rows needs no second parity for the shifts along w). Three padded input
 //    planes (d - 1, d, d + 1) are kept in a ring, each built once per slice.
-//  - micro: for a block of output channels (NV vectors) and input channels (IT), the 3 x IT x NV
-//    float accumulators of the three kw taps stay in registers over the whole plane, then add
-//    into the slice's partial sums.
+//  - micro: for a block of output channels (NV vectors, at most 4) and input channels (IT: whole
+//    tiles of 8, 4, 3 or 2 by NV, then one tile of the rest), the 3 x IT x NV float accumulators
+//    of the three kw taps stay in registers over the whole plane, then add into the slice's
+//    partial sums.
 // Slices of consecutive planes run in parallel, each into its own partial sums, added in slice
 // order at the end: the split depends on the shape alone, so the bits do not depend on the
 // number of threads. The result is float32, not rounded to bfloat16 (oneDNN rounds its result
@@ -33,10 +34,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
-#include <numeric>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "vec.h"
@@ -65,14 +67,13 @@ constexpr int kInTile[kMaxChunk + 1] = {0, 8, 4, 3, 2};
 
 struct Shape {
   int64_t batch, depth, height, width, in_ch, out_ch;
-  int64_t in_pad;     // in_ch padded to a multiple of every block's input tile (zeros)
   int64_t out_vecs;   // vectors of 16 output channels
   int64_t row_pairs;  // ceil(height / 2)
   int64_t planes() const { return batch * depth; }
   int64_t out_pad() const { return out_vecs * kLanes; }
-  int64_t xp_plane() const { return (height + 2) * (width + 2) * in_pad; }  // 32-bit words
+  int64_t xp_plane() const { return (height + 2) * (width + 2) * in_ch; }  // 32-bit words
   int64_t go2_plane() const { return row_pairs * width * out_vecs * kLanes; }
-  int64_t weight_sums() const { return 27 * in_pad * out_pad(); }  // floats: (tap, c, o)
+  int64_t weight_sums() const { return 27 * in_ch * out_pad(); }  // floats: (tap, c, o)
   int64_t partial() const { return weight_sums() + out_pad(); }     // then the bias's (o)
 };
 
@@ -104,11 +105,11 @@ void build_xp(const uint16_t* x, const Shape& s, int64_t b, int64_t p, uint32_t*
     const uint16_t* lo = hp - 1 >= 0 && hp - 1 < s.height ? plane + (hp - 1) * row : nullptr;
     const uint16_t* hi = hp < s.height ? plane + hp * row : nullptr;
     if (!lo && !hi) continue;
-    uint32_t* dst = out + (hp * (s.width + 2) + 1) * s.in_pad;
+    uint32_t* dst = out + (hp * (s.width + 2) + 1) * s.in_ch;
     for (int64_t w = 0; w < s.width; ++w) {
       for (int64_t c = 0; c < s.in_ch; c += kLanes) {
         const int64_t i = w * s.in_ch + c;
-        _mm512_mask_storeu_epi32(dst + w * s.in_pad + c, lanes_below(s.in_ch - c),
+        _mm512_mask_storeu_epi32(dst + w * s.in_ch + c, lanes_below(s.in_ch - c),
                                  pair_words(lo ? lo + i : nullptr, hi ? hi + i : nullptr, lanes_below(s.in_ch - c)));
       }
     }
@@ -141,47 +142,63 @@ void build_go2(const uint16_t* go, const Shape& s, int64_t b, int64_t d, uint32_
   for (int64_t o = 0; o < s.out_pad(); ++o) bias[o] += plane_sum[o];
 }
 
-// Adds one output plane's terms for output vectors [v0, v0 + NV) into acc (tap, c, o).
-// xp[kd]: the padded input plane d + kd - 1 (padded index d + kd).
-template <int NV>
-void micro(const Shape& s, const uint32_t* go2, int64_t v0, const uint32_t* const* xp, float* acc) {
-  constexpr int IT = kInTile[NV];
-  const int64_t xrow = (s.width + 2) * s.in_pad;
+// Adds one output plane's terms for output vectors [v0, v0 + NV) and input channels [c0, c0 + IT)
+// into acc (tap, c, o). xp[kd]: the padded input plane d + kd - 1 (padded index d + kd).
+template <int NV, int IT>
+void micro(const Shape& s, const uint32_t* go2, int64_t v0, int64_t c0, const uint32_t* const* xp, float* acc) {
+  const int64_t xrow = (s.width + 2) * s.in_ch;
   for (int kd = 0; kd < 3; ++kd) {
     for (int kh = 0; kh < 3; ++kh) {
-      for (int64_t c0 = 0; c0 < s.in_pad; c0 += IT) {
-        __m512 sum[3][IT][NV];
-        for (int kw = 0; kw < 3; ++kw)
-          for (int i = 0; i < IT; ++i)
-            for (int v = 0; v < NV; ++v) sum[kw][i][v] = _mm512_setzero_ps();
-        for (int64_t r = 0; r < s.row_pairs; ++r) {
-          const uint32_t* x_row = xp[kd] + (2 * r + kh) * xrow + c0;
-          const uint32_t* g_row = go2 + (r * s.width * s.out_vecs + v0) * kLanes;
-          for (int64_t w = 0; w < s.width; ++w) {
-            __m512bh g[NV];
-            for (int v = 0; v < NV; ++v)
-              g[v] = (__m512bh)_mm512_loadu_si512(g_row + (w * s.out_vecs + v) * kLanes);
-            const uint32_t* x_at = x_row + w * s.in_pad;
-            for (int kw = 0; kw < 3; ++kw)
-              for (int i = 0; i < IT; ++i) {
-                const __m512bh xb = (__m512bh)_mm512_set1_epi32(static_cast<int>(x_at[kw * s.in_pad + i]));
-                for (int v = 0; v < NV; ++v) sum[kw][i][v] = _mm512_dpbf16_ps(sum[kw][i][v], g[v], xb);
-              }
-          }
-        }
-        for (int kw = 0; kw < 3; ++kw)
-          for (int i = 0; i < IT; ++i)
-            for (int v = 0; v < NV; ++v) {
-              float* p = acc + ((kd * 9 + kh * 3 + kw) * s.in_pad + c0 + i) * s.out_pad() + (v0 + v) * kLanes;
-              _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), sum[kw][i][v]));
+      __m512 sum[3][IT][NV];
+      for (int kw = 0; kw < 3; ++kw)
+        for (int i = 0; i < IT; ++i)
+          for (int v = 0; v < NV; ++v) sum[kw][i][v] = _mm512_setzero_ps();
+      for (int64_t r = 0; r < s.row_pairs; ++r) {
+        const uint32_t* x_row = xp[kd] + (2 * r + kh) * xrow + c0;
+        const uint32_t* g_row = go2 + (r * s.width * s.out_vecs + v0) * kLanes;
+        for (int64_t w = 0; w < s.width; ++w) {
+          __m512bh g[NV];
+          for (int v = 0; v < NV; ++v) g[v] = (__m512bh)_mm512_loadu_si512(g_row + (w * s.out_vecs + v) * kLanes);
+          const uint32_t* x_at = x_row + w * s.in_ch;
+          for (int kw = 0; kw < 3; ++kw)
+            for (int i = 0; i < IT; ++i) {
+              const __m512bh xb = (__m512bh)_mm512_set1_epi32(static_cast<int>(x_at[kw * s.in_ch + i]));
+              for (int v = 0; v < NV; ++v) sum[kw][i][v] = _mm512_dpbf16_ps(sum[kw][i][v], g[v], xb);
             }
+        }
       }
+      for (int kw = 0; kw < 3; ++kw)
+        for (int i = 0; i < IT; ++i)
+          for (int v = 0; v < NV; ++v) {
+            float* p = acc + ((kd * 9 + kh * 3 + kw) * s.in_ch + c0 + i) * s.out_pad() + (v0 + v) * kLanes;
+            _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), sum[kw][i][v]));
+          }
     }
   }
 }
 
-using Micro = void (*)(const Shape&, const uint32_t*, int64_t, const uint32_t* const*, float*);
-constexpr Micro kMicro[kMaxChunk + 1] = {nullptr, &micro<1>, &micro<2>, &micro<3>, &micro<4>};
+// The micro-kernel of nv output vectors and it input channels (it <= kInTile[nv]).
+using Micro = void (*)(const Shape&, const uint32_t*, int64_t, int64_t, const uint32_t* const*, float*);
+template <int NV, int... IT>
+constexpr std::array<Micro, 9> micro_row(std::integer_sequence<int, IT...>) {
+  return {nullptr, (IT + 1 <= kInTile[NV] ? &micro<NV, (IT + 1 <= kInTile[NV] ? IT + 1 : 1)> : nullptr)...};
+}
+constexpr std::array<std::array<Micro, 9>, kMaxChunk + 1> kMicro = {
+    std::array<Micro, 9>{}, micro_row<1>(std::make_integer_sequence<int, 8>{}),
+    micro_row<2>(std::make_integer_sequence<int, 8>{}), micro_row<3>(std::make_integer_sequence<int, 8>{}),
+    micro_row<4>(std::make_integer_sequence<int, 8>{})};
+
+// Every (output block, input tile) of one plane: whole tiles of kInTile[nv] input channels,
+// then one tile of the rest (no padded channels computed).
+void plane_sums(const Shape& s, const uint32_t* go2, const uint32_t* const* xp, float* acc) {
+  for (int64_t v0 = 0; v0 < s.out_vecs; v0 += kMaxChunk) {
+    const int nv = static_cast<int>(std::min<int64_t>(kMaxChunk, s.out_vecs - v0));
+    const int tile = kInTile[nv];
+    int64_t c0 = 0;
+    for (; c0 + tile <= s.in_ch; c0 += tile) kMicro[nv][tile](s, go2, v0, c0, xp, acc);
+    if (c0 < s.in_ch) kMicro[nv][s.in_ch - c0](s, go2, v0, c0, xp, acc);
+  }
+}
 
 // Planes [begin, end) into acc (zeroed here), with the caller's scratch for xp and go2.
 void slice_sums(const uint16_t* x, const uint16_t* go, const Shape& s, int64_t begin, int64_t end, float* acc,
@@ -204,8 +221,7 @@ void slice_sums(const uint16_t* x, const uint16_t* go, const Shape& s, int64_t b
       xp[kd] = slot;
     }
     build_go2(go, s, b, d, go2.data(), plane_sum.data(), acc + s.weight_sums());
-    for (int64_t v0 = 0; v0 < s.out_vecs; v0 += kMaxChunk)
-      kMicro[std::min<int64_t>(kMaxChunk, s.out_vecs - v0)](s, go2.data(), v0, xp, acc);
+    plane_sums(s, go2.data(), xp, acc);
   }
 }
 
@@ -241,13 +257,9 @@ std::tuple<at::Tensor, at::Tensor> conv3d_weight_grad_cpu(const at::Tensor& inpu
   // Channels last: a position's channels are consecutive, as the vectors want them.
   const at::Tensor input = input_arg.contiguous(at::MemoryFormat::ChannelsLast3d);
   const at::Tensor grad_out = grad_out_arg.contiguous(at::MemoryFormat::ChannelsLast3d);
-  Shape s{input.size(0), input.size(2), input.size(3), input.size(4), input.size(1), grad_out.size(1), 0, 0, 0};
+  Shape s{input.size(0), input.size(2), input.size(3), input.size(4), input.size(1), grad_out.size(1), 0, 0};
   s.out_vecs = (s.out_ch + kLanes - 1) / kLanes;
   s.row_pairs = (s.height + 1) / 2;
-  int64_t tile = 1;
-  for (int64_t v0 = 0; v0 < s.out_vecs; v0 += kMaxChunk)
-    tile = std::lcm<int64_t>(tile, kInTile[std::min<int64_t>(kMaxChunk, s.out_vecs - v0)]);
-  s.in_pad = (s.in_ch + tile - 1) / tile * tile;
 
   at::Tensor out = at::empty({s.out_ch, s.in_ch, 3, 3, 3}, input.options().dtype(at::kFloat));
   at::Tensor grad_bias = at::empty({s.out_ch}, out.options());
@@ -280,7 +292,7 @@ std::tuple<at::Tensor, at::Tensor> conv3d_weight_grad_cpu(const at::Tensor& inpu
   float* o_ptr = out.mutable_data_ptr<float>();
   for (int64_t o = 0; o < s.out_ch; ++o)
     for (int64_t c = 0; c < s.in_ch; ++c)
-      for (int64_t tap = 0; tap < 27; ++tap) o_ptr[(o * s.in_ch + c) * 27 + tap] = sums[(tap * s.in_pad + c) * s.out_pad() + o];
+      for (int64_t tap = 0; tap < 27; ++tap) o_ptr[(o * s.in_ch + c) * 27 + tap] = sums[(tap * s.in_ch + c) * s.out_pad() + o];
   std::copy(sums + s.weight_sums(), sums + s.weight_sums() + s.out_ch, grad_bias.mutable_data_ptr<float>());
   return {out, grad_bias};
 }

@@ -49,6 +49,11 @@ def test_preset_defaults_and_width():
     small, paper = config(), config(preset="paper")
     assert (small.patch_edge, small.network, small.memory_option) == (32, SMALL, "off")
     assert (paper.patch_edge, paper.learning_rate, paper.network, paper.memory_option) == (128, 1e-5, PAPER, "cheap")
+    # In 16 bits the paper preset recomputes nothing (its activations are half as large); a
+    # choice given is kept, and the small preset never recomputes by default.
+    assert [paper.replace(precision=p).memory_option for p in ("fp32", "bf16", "fp16")] == ["cheap", "off", "off"]
+    assert paper.replace(precision="bf16", checkpoint="cheap").memory_option == "cheap"
+    assert small.replace(precision="fp32").memory_option == "off"
     wide = config(width=16)
     assert wide.network.model_channels == 16 and wide.network.groups == 16
     assert wide.network.channel_mult == SMALL.channel_mult
