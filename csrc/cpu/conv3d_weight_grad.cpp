@@ -53,8 +53,9 @@ namespace {
 constexpr const char* kOp = "patchddm::conv3d_weight_grad";
 constexpr int64_t kLanes = 16;          // float32 lanes of a 512-bit vector: output channels per vector
 // Slices: at least 4 planes each (a slice rebuilds two input planes and zeroes and adds its
-// partial sums: at 116 channels, 16^3, 16 slices of one plane ran 2.4x slower than 2 of 8), at
-// most 16, and at most 16 MiB of partial sums (one slice always).
+// partial sums: at 116 channels, 16^3, slices of 1-2 planes made the whole kernel 2.4x slower
+// than slices of 8, measured while the final sum was still scalar), at most 16, and at most
+// 16 MiB of partial sums (one slice always).
 constexpr int64_t kSlicePlanes = 4;
 constexpr int64_t kMaxSlices = 16;
 constexpr int64_t kMaxPartialBytes = int64_t{16} << 20;

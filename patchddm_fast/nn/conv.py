@@ -2,9 +2,9 @@
 weight gradient from patchddm's kernel where that is faster than oneDNN's.
 
 oneDNN computes a bfloat16 weight gradient on CPUs with AVX512-BF16 and no AMX at about half
-the speed of the forward (ops/conv3d_weight_grad.py); ours runs at the forward's speed on planes
-of at least 32 x 32 (benchmarks/conv_weight_grad.py, AMD EPYC Zen 4, 2 threads: 1.54x at 29
-channels 64^3, 1.12x at 87 channels 32^3, 0.97x at 116 channels 16^3), so it is used there only.
+the speed of the forward (ops/conv3d_weight_grad.py); ours is faster on planes of at least
+32 x 32 and slower below (benchmarks/conv_weight_grad.py, AMD EPYC Zen 4, 2 threads: 1.60x at 29
+channels 64^3, 1.09x at 87 channels 32^3, 0.92x at 116 channels 16^3), so it is used there only.
 On AMX CPUs oneDNN's weight gradient is a different kernel that we have not measured against,
 so they keep it. The forward and the input gradient are always oneDNN's (aten.convolution).
 
@@ -23,7 +23,7 @@ from ..ops import conv3d_weight_grad
 from ..ops.conv3d_weight_grad import kernel_available
 from ..ops.group_norm_silu import memory_format
 
-# Smallest plane (height x width) where ours was faster (32 x 32: 1.12x; 16 x 16: 0.97x).
+# Smallest plane (height x width) where ours was faster (32 x 32: 1.09x; 16 x 16: 0.92x).
 MIN_PLANE = 32 * 32
 
 # "auto" (ours where it is faster, as above), "onednn" (never ours): benchmarks compare both.
@@ -51,6 +51,17 @@ def weight_grad_kernel_chosen() -> bool:
     """Whether this CPU's bfloat16 training takes weight gradients from our kernel (where the
     shapes allow): it runs here (AVX512-BF16), there is no AMX, and no one chose oneDNN."""
     return weight_grad_choice == "auto" and kernel_available() and "amx_bf16" not in cpu_flags()
+
+
+def weight_grad_status() -> str:
+    """One line for `patchddm info`: where this CPU's bfloat16 training takes weight gradients."""
+    if weight_grad_choice != "auto":
+        return f"oneDNN (weight_grad_choice={weight_grad_choice!r})"
+    if not kernel_available():
+        return "oneDNN (no AVX512-BF16 here, or the extension is not built)"
+    if "amx_bf16" in cpu_flags():
+        return "oneDNN (this CPU has AMX, where oneDNN has its own fast kernel)"
+    return f"patchddm's kernel where a plane (height x width) has {MIN_PLANE} voxels or more, oneDNN below"
 
 
 def conv3d_backward(conv: nn.Conv3d, grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,

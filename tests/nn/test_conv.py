@@ -89,6 +89,21 @@ def test_everywhere_else_it_is_nn_conv3d(case, calls, monkeypatch):
     assert calls == []
 
 
+@pytest.mark.parametrize("flags,available,says", [
+    ({"avx512_bf16"}, True, "patchddm's kernel where a plane"), ({"avx512_bf16", "amx_bf16"}, True, "has AMX"),
+    (set(), False, "no AVX512-BF16")])
+def test_without_the_kernel_or_with_amx_it_is_nn_conv3d_and_says_so(flags, available, says, monkeypatch):
+    # What a CPU without AVX512-BF16 (or with AMX) gets, on any machine: oneDNN's gradients, and
+    # `patchddm info` says why.
+    monkeypatch.setattr(conv, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(conv, "kernel_available", lambda: available)
+    assert says in conv.weight_grad_status()
+    ours, plain, x = _pair()
+    assert conv.uses_weight_grad_kernel(ours, x, torch.bfloat16) == (says == "patchddm's kernel where a plane")
+    if not conv.uses_weight_grad_kernel(ours, x, torch.bfloat16):
+        assert all(torch.equal(a, b) for a, b in zip(_step(ours, x), _step(plain, x)))
+
+
 def test_same_parameters_and_state_dict_as_nn_conv3d():
     ours, plain, _ = _pair()
     assert isinstance(ours, nn.Conv3d)
