@@ -160,11 +160,12 @@ class TrainConfig:
         channels_last = self.channels_last if self.channels_last is not None else fast.channels_last
         auto = [name for name in ("precision", "channels_last") if getattr(self, name) is None]
         origin = f"auto for {fast.reason}: {', '.join(auto)}" if auto else "as given"
+        resolved = self.replace(precision=precision, channels_last=channels_last)
         line = (f"execution: {precision}, {'channels_last_3d' if channels_last else 'contiguous'} "
-                f"({origin}); recomputation {self.memory_option}")
+                f"({origin}); recomputation {resolved.memory_option}")
         if precision == "bf16" and torch.device(device).type == "cpu" and weight_grad_kernel_chosen():
             line += "; bfloat16 weight gradients of the full-size convolutions from patchddm's kernel"
-        return self.replace(precision=precision, channels_last=channels_last), line
+        return resolved, line
 
     def lr_at(self, step: int) -> float:
         """The learning rate of optimizer step `step` (0-based)."""

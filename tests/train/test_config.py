@@ -137,9 +137,13 @@ def test_auto_execution_takes_the_device_settings(monkeypatch):
         assert (resolved.precision, resolved.channels_last) == (expected.precision, expected.channels_last)
         assert resolved.precision == ("bf16" if native else "fp32")
         assert line.startswith(f"execution: {resolved.precision}, ") and "auto" in line
-        assert f"recomputation {c.memory_option}" in line
+        assert f"recomputation {resolved.memory_option}" in line
         assert ("patchddm's kernel" in line) == (native and weight_grad_kernel_chosen())
         assert "\n" not in line
+        # the paper preset's recomputation follows the resolved precision, and the line says so
+        paper, paper_line = config(preset="paper").execution("cpu")
+        assert paper.memory_option == ("off" if native else "cheap")
+        assert f"recomputation {paper.memory_option}" in paper_line
 
 
 def test_explicit_execution_settings_are_kept(monkeypatch):
