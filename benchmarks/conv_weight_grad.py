@@ -2,12 +2,13 @@
 against oneDNN's (aten.convolution_backward, as autograd runs it), at the paper network's shapes.
 
     python -m benchmarks.conv_weight_grad                 # 2 threads, the 64^3 patch's levels
-    python -m benchmarks.conv_weight_grad --threads 1,2 --levels 64,32,16,128,64w
+    python -m benchmarks.conv_weight_grad --threads 1,2 --levels 64,32,16,128,64w,32w
 
 Shapes (batch 1, channels_last_3d, as the trainer feeds a CPU): level 64 is 29 -> 29 channels at
 64^3, 32 is 87 -> 87 at 32^3, 16 is 116 -> 116 at 16^3, 8 is 116 at 8^3, 128 is 29 at 128^3 (the
-full resolution of a 128^3 patch), 64w is 87 at 64^3; `in` is the input convolution (8 -> 29 at
-64^3), `out` the output one (29 -> 1 at 64^3). Both run alternately, round after round, in one
+full resolution of a 128^3 patch), 64w is 87 at 64^3, 32w 116 at 32^3 (that patch's next two
+levels); `in` is the input convolution (8 -> 29 at 64^3), `out` the output one (29 -> 1 at
+64^3). Both run alternately, round after round, in one
 process; each keeps its fastest round. Checked first, against the float64 formula on the same
 bfloat16 values (relative to the largest entry): oneDNN rounds its result to bfloat16 (about
 2^-9), ours keeps float32; a wrong result would be off by order 1.
@@ -23,7 +24,8 @@ import time
 import torch
 
 SHAPES = {"64": (29, 29, 64), "32": (87, 87, 32), "16": (116, 116, 16), "8": (116, 116, 8), "128": (29, 29, 128),
-          "64w": (87, 87, 64), "in": (8, 29, 64), "out": (29, 1, 64)}  # name -> (in, out channels, edge)
+          "64w": (87, 87, 64), "32w": (116, 116, 32), "in": (8, 29, 64),
+          "out": (29, 1, 64)}  # name -> (in, out channels, edge)
 
 
 def inputs(name: str):
