@@ -70,17 +70,17 @@ def conv3d_backward(conv: nn.Conv3d, grad_out: torch.Tensor, x: torch.Tensor, we
     None where `needs` says no: aten.convolution_backward, with our kernel for the weight
     gradient where uses_weight_grad_kernel says so (then grad_weight and grad_bias are float32)."""
     need_x, need_weight, need_bias = needs
-    if not (need_weight and uses_weight_grad_kernel(conv, x, x.dtype)):
-        return torch.ops.aten.convolution_backward(
-            grad_out, x, weight, [weight.shape[0]] if need_bias else None, list(conv.stride), list(conv.padding),
-            list(conv.dilation), False, [0] * 3, conv.groups, [need_x, need_weight, need_bias])
-    grad_x = None
-    if need_x:
-        grad_x = torch.ops.aten.convolution_backward(
-            grad_out, x, weight, None, list(conv.stride), list(conv.padding), list(conv.dilation), False,
-            [0] * 3, conv.groups, [True, False, False])[0]
-    grad_weight, grad_bias = conv3d_weight_grad(x, grad_out)
-    return grad_x, grad_weight, grad_bias if need_bias else None
+    ours = need_weight and uses_weight_grad_kernel(conv, x, x.dtype)
+    mask = [need_x, need_weight and not ours, need_bias and not ours]
+    grads = [None, None, None]
+    if any(mask):
+        grads = list(torch.ops.aten.convolution_backward(
+            grad_out, x, weight, [weight.shape[0]] if mask[2] else None, list(conv.stride), list(conv.padding),
+            list(conv.dilation), False, [0] * 3, conv.groups, mask))
+    if ours:
+        grads[1], grad_bias = conv3d_weight_grad(x, grad_out)
+        grads[2] = grad_bias if need_bias else None
+    return tuple(grads)
 
 
 class _Conv3dWeightGrad(torch.autograd.Function):

@@ -15,6 +15,8 @@ the U-Net uses it (`uses_weight_grad_kernel`).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .._extension import EXTENSION
@@ -24,6 +26,7 @@ from ._checks import check_tensor
 NAME = "conv3d_weight_grad"
 
 
+@functools.cache  # asked at every training convolution's call; neither answer changes in a process
 def kernel_available() -> bool:
     """Whether patchddm::conv3d_weight_grad runs here: the extension is built and the CPU has
     AVX512-BF16 (the op itself refuses other CPUs)."""
