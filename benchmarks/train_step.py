@@ -18,6 +18,10 @@ to it. Cases:
                            the same with every convolution's weight gradient from oneDNN
                            (nn/conv.py's weight_grad_choice = "onednn"): what our bfloat16
                            weight-gradient kernel adds
+  ours auto, oneDNN forward and input gradient
+                           the same without our Winograd kernel (winograd_choice = "onednn")
+  ours auto, oneDNN convolutions
+                           neither of our convolution kernels: all of them oneDNN's
   ours auto, cheap          the same with "cheap" recomputation (float32's; leaner in bf16)
 
     python -m benchmarks.train_step --size 64 --rounds 3
@@ -41,7 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _case(variant: str, precision: str, checkpoint: str, channels_last: bool, size: int, preset: str,
-          weight_grad: str = "auto"):
+          weight_grad: str = "auto", winograd: str = "auto"):
     from patchddm_fast.nn import conv
 
     # The original draws the noise ours draws (philox), so that their losses can be compared.
@@ -52,11 +56,11 @@ def _case(variant: str, precision: str, checkpoint: str, channels_last: bool, si
         model.to(memory_format=torch.channels_last_3d)
 
     def run():
-        conv.weight_grad_choice = weight_grad
+        conv.weight_grad_choice, conv.winograd_choice = weight_grad, winograd
         try:
             return step()
         finally:
-            conv.weight_grad_choice = "auto"
+            conv.weight_grad_choice = conv.winograd_choice = "auto"
     return run
 
 
@@ -76,6 +80,9 @@ def _cases(preset: str) -> dict:
         f"ours auto ({fast.precision}, {'channels_last' if fast.channels_last else 'contiguous'}, {auto_memory})":
             ("ours", auto_precision, auto_memory, fast.channels_last),
         "ours auto, oneDNN weight gradient": ("ours", auto_precision, auto_memory, fast.channels_last, "onednn"),
+        "ours auto, oneDNN forward and input gradient":
+            ("ours", auto_precision, auto_memory, fast.channels_last, "auto", "onednn"),
+        "ours auto, oneDNN convolutions": ("ours", auto_precision, auto_memory, fast.channels_last, "onednn", "onednn"),
         "ours auto, cheap": ("ours", auto_precision, "cheap", fast.channels_last),
     }
 

@@ -229,18 +229,8 @@ void slice_sums(const uint16_t* x, const uint16_t* go, const Shape& s, int64_t b
 #pragma GCC pop_options
 #endif  // PATCHDDM_ISA_VARIANTS
 
-bool cpu_has_avx512_bf16() {
-#if PATCHDDM_ISA_VARIANTS
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
-#else
-  return false;
-#endif
-}
-
 void check_arguments(const at::Tensor& input, const at::Tensor& grad_out) {
-  TORCH_CHECK(cpu_has_avx512_bf16(), kOp,
+  TORCH_CHECK(cpu::cpu_has_avx512_bf16(), kOp,
               ": needs an x86-64 CPU with AVX512-BF16 and a GCC build of the extension; this one has "
               "neither or not both (use aten.convolution_backward instead)");
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"input", input}, {"grad_out", grad_out}}) {

@@ -67,6 +67,18 @@ const char* isa_name(Isa isa);
   } while (0)
 #endif
 
+// Whether the CPU runs AVX512-BF16 (VDPBF16PS, VCVTNEPS2BF16), which the bfloat16
+// convolution kernels need beside AVX-512; false where the variants are not compiled.
+inline bool cpu_has_avx512_bf16() {
+#if PATCHDDM_ISA_VARIANTS
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
 // c ? a : b through a bit mask: both sides are computed, so compilers keep loops over it
 // vectorised rather than branching (they will not speculate float arithmetic into a select).
 PATCHDDM_INLINE uint32_t select_bits(bool c, uint32_t a, uint32_t b) {

@@ -1,16 +1,22 @@
 """The fused U-Net's 3x3x3 convolution: nn.Conv3d whose bfloat16 CPU training step takes its
-weight gradient from patchddm's kernel where that is faster than oneDNN's.
+convolutions from patchddm's kernels where those are faster than oneDNN's.
 
-oneDNN computes a bfloat16 weight gradient on CPUs with AVX512-BF16 and no AMX at about half
-the speed of the forward (ops/conv3d_weight_grad.py); ours is faster on planes of at least
-32 x 32 and slower below (benchmarks/conv_weight_grad.py, AMD EPYC Zen 4, 2 threads: 1.60x at 29
-channels 64^3, 1.09x at 87 channels 32^3, 0.92x at 116 channels 16^3), so it is used there only.
-On AMX CPUs oneDNN's weight gradient is a different kernel that we have not measured against,
-so they keep it. The forward and the input gradient are always oneDNN's (aten.convolution).
+On CPUs with AVX512-BF16 and no AMX, oneDNN's bfloat16 forward and input gradient run near
+the CPU's dot-product rate and its weight gradient at about half of it. Two kernels of ours
+(AMD EPYC Zen 4, 2 threads; benchmarks/conv_bf16.py):
+- ops/conv3d_winograd.py, Winograd's F(2x2x2, 3x3x3), for the forward and the input gradient:
+  8 products per output instead of 27 (1.60x at 29 channels 64^3, 2.17x at 87 channels 32^3,
+  1.41x at 116 channels 16^3); it loses below 24 channels into the convolution or 16 x 16
+  planes, so it is used from there up only;
+- ops/conv3d_weight_grad.py for the weight gradient (1.60x at 29 channels 64^3, 1.09x at 87
+  channels 32^3, 0.92x at 116 channels 16^3): used on planes of at least 32 x 32.
+On AMX CPUs oneDNN's kernels are different ones that we have not measured against, so they
+keep them; so do float32, evaluation mode and every other geometry.
 
-Ours returns float32 gradients (oneDNN rounds them to bfloat16 before autograd casts them back
-to the float32 weights), so the training step also gets more precise weight gradients.
-The parameters, their names and the plain nn.Conv3d behaviour elsewhere are unchanged.
+Ours returns float32 weight gradients (oneDNN rounds them to bfloat16 before autograd casts
+them back to the float32 weights). Winograd's outputs carry about twice the rounding error of
+a direct bfloat16 convolution (ops/conv3d_winograd.py). The parameters, their names and the
+plain nn.Conv3d behaviour elsewhere are unchanged.
 """
 
 from __future__ import annotations
@@ -19,15 +25,23 @@ import torch
 import torch.nn as nn
 
 from ..fast_settings import cpu_flags
-from ..ops import conv3d_weight_grad
-from ..ops.conv3d_weight_grad import kernel_available
+from ..ops import conv3d_weight_grad, conv3d_winograd, conv3d_winograd_input_grad
+from ..ops.conv3d_weight_grad import kernel_available as weight_grad_available
+from ..ops.conv3d_winograd import kernel_available as winograd_available
 from ..ops.group_norm_silu import memory_format
 
-# Smallest plane (height x width) where ours was faster (32 x 32: 1.09x; 16 x 16: 0.92x).
+# Smallest plane (height x width) where our weight gradient was faster (32 x 32: 1.09x; 16 x 16: 0.92x).
 MIN_PLANE = 32 * 32
+# Where Winograd was faster (benchmarks/conv_bf16.py and the same on other shapes): planes of
+# 16 x 16 (116 channels: 1.41x; 8 x 8: 0.34x) and 24 channels into the convolution or more
+# (24 -> 24 at 64^3: 1.42x, 29 -> 29 1.60x; 16 -> 16 1.68x at 4 x 32^3 but 0.87x at 64^3, where
+# oneDNN fits 16 channels exactly; 12 -> 12 1.00x, 8 -> 29 0.71x).
+WINOGRAD_MIN_PLANE = 16 * 16
+WINOGRAD_MIN_CHANNELS = 24
 
 # "auto" (ours where it is faster, as above), "onednn" (never ours): benchmarks compare both.
 weight_grad_choice = "auto"
+winograd_choice = "auto"
 
 
 def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -38,60 +52,98 @@ def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
-def uses_weight_grad_kernel(conv: nn.Conv3d, x: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether conv's weight gradient for input x (computed in dtype) comes from our kernel."""
+def _bf16_cpu_3x3x3(conv: nn.Conv3d, x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether conv of x is the case our kernels compute: a bfloat16 CPU 3x3x3 convolution with
+    stride 1, padding 1 and one group, in this module class."""
     return (isinstance(conv, Conv3d) and dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 5
             and conv.kernel_size == (3, 3, 3) and conv.stride == (1, 1, 1) and conv.padding == (1, 1, 1)
-            and conv.dilation == (1, 1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
-            and x.shape[-2] * x.shape[-1] >= MIN_PLANE
-            and weight_grad_kernel_chosen())
+            and conv.dilation == (1, 1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
+
+
+def _chosen(choice: str, available: bool) -> bool:
+    # No AMX: there oneDNN has other kernels, which we have not measured against.
+    return choice == "auto" and available and "amx_bf16" not in cpu_flags()
+
+
+def uses_weight_grad_kernel(conv: nn.Conv3d, x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether conv's weight gradient for input x (computed in dtype) comes from our kernel."""
+    return _bf16_cpu_3x3x3(conv, x, dtype) and x.shape[-2] * x.shape[-1] >= MIN_PLANE and weight_grad_kernel_chosen()
+
+
+def uses_winograd(conv: nn.Conv3d, x: torch.Tensor, dtype: torch.dtype, channels: int | None = None) -> bool:
+    """Whether a convolution of x through conv's geometry runs as our Winograd kernel in dtype:
+    its forward of x, or its input gradient when x is the output gradient. channels: those
+    going into the convolution when not x's (the input gradient's, before grad_out exists)."""
+    channels = x.shape[1] if channels is None else channels
+    return (_bf16_cpu_3x3x3(conv, x, dtype) and channels >= WINOGRAD_MIN_CHANNELS
+            and x.shape[-2] * x.shape[-1] >= WINOGRAD_MIN_PLANE and winograd_chosen())
 
 
 def weight_grad_kernel_chosen() -> bool:
     """Whether this CPU's bfloat16 training takes weight gradients from our kernel (where the
     shapes allow): it runs here (AVX512-BF16), there is no AMX, and no one chose oneDNN."""
-    return weight_grad_choice == "auto" and kernel_available() and "amx_bf16" not in cpu_flags()
+    return _chosen(weight_grad_choice, weight_grad_available())
 
 
-def weight_grad_status() -> str:
-    """One line for `patchddm info`: where this CPU's bfloat16 training takes weight gradients."""
-    if weight_grad_choice != "auto":
-        return f"oneDNN (weight_grad_choice={weight_grad_choice!r})"
-    if not kernel_available():
-        return "oneDNN (no AVX512-BF16 here, or the extension is not built)"
-    if "amx_bf16" in cpu_flags():
-        return "oneDNN (this CPU has AMX, where oneDNN has its own fast kernel)"
-    return f"patchddm's kernel where a plane (height x width) has {MIN_PLANE} voxels or more, oneDNN below"
+def winograd_chosen() -> bool:
+    """The same for the forward and input gradient by Winograd."""
+    return _chosen(winograd_choice, winograd_available())
+
+
+def bf16_conv_status() -> str:
+    """One line for `patchddm info`: where this CPU's bfloat16 training takes its convolutions."""
+    def one(choice: str, available: bool, ours: str) -> str:
+        if choice != "auto":
+            return f"oneDNN (chosen: {choice!r})"
+        if not available:
+            return "oneDNN (no AVX512-BF16 here, or the extension is not built)"
+        if "amx_bf16" in cpu_flags():
+            return "oneDNN (this CPU has AMX, where oneDNN has its own fast kernels)"
+        return ours
+    return ("forward and input gradient: " + one(winograd_choice, winograd_available(),
+                                                   f"patchddm's Winograd kernel from {WINOGRAD_MIN_CHANNELS} "
+                                                   f"channels and {WINOGRAD_MIN_PLANE}-voxel planes, oneDNN below")
+            + "; weight gradient: " + one(weight_grad_choice, weight_grad_available(),
+                                           f"patchddm's kernel from {MIN_PLANE}-voxel planes, oneDNN below"))
 
 
 def conv3d_backward(conv: nn.Conv3d, grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                     needs: tuple[bool, bool, bool]):
     """(grad_x, grad_weight, grad_bias) of conv(x) with `weight` (both in the compute dtype),
-    None where `needs` says no: aten.convolution_backward, with our kernel for the weight
-    gradient where uses_weight_grad_kernel says so (then grad_weight and grad_bias are float32)."""
+    None where `needs` says no: aten.convolution_backward, with our kernels where
+    uses_winograd (the input gradient) and uses_weight_grad_kernel (the weight and bias
+    gradients, then float32) say so."""
     need_x, need_weight, need_bias = needs
-    ours = need_weight and uses_weight_grad_kernel(conv, x, x.dtype)
-    mask = [need_x, need_weight and not ours, need_bias and not ours]
+    ours_x = need_x and uses_winograd(conv, grad_out, x.dtype)
+    ours_weight = need_weight and uses_weight_grad_kernel(conv, x, x.dtype)
+    mask = [need_x and not ours_x, need_weight and not ours_weight, need_bias and not ours_weight]
     grads = [None, None, None]
     if any(mask):
         grads = list(torch.ops.aten.convolution_backward(
             grad_out, x, weight, [weight.shape[0]] if mask[2] else None, list(conv.stride), list(conv.padding),
             list(conv.dilation), False, [0] * 3, conv.groups, mask))
-    if ours:
+    if ours_x:
+        grads[0] = conv3d_winograd_input_grad(grad_out, weight)
+    if ours_weight:
         grads[1], grad_bias = conv3d_weight_grad(x, grad_out)
         grads[2] = grad_bias if need_bias else None
     return tuple(grads)
 
 
-class _Conv3dWeightGrad(torch.autograd.Function):
-    """conv(x) computed in `dtype` from float32 parameters, as autocast would compute it;
-    backward through conv3d_backward, returning float32 parameter gradients directly."""
+class _Conv3dBf16(torch.autograd.Function):
+    """conv(x) computed in `dtype` from float32 parameters, as autocast would compute it (by
+    Winograd where uses_winograd says so); backward through conv3d_backward, returning float32
+    parameter gradients directly."""
 
     @staticmethod
     def forward(ctx, conv, dtype, x, weight, bias):
         xc, wc = x.to(dtype), weight.to(dtype)
-        out = torch.ops.aten.convolution(xc, wc, bias.to(dtype) if bias is not None else None, list(conv.stride),
-                                         list(conv.padding), list(conv.dilation), False, [0] * 3, conv.groups)
+        bc = bias.to(dtype) if bias is not None else None
+        if uses_winograd(conv, xc, dtype):
+            out = conv3d_winograd(xc, wc, bc)
+        else:
+            out = torch.ops.aten.convolution(xc, wc, bc, list(conv.stride), list(conv.padding), list(conv.dilation),
+                                             False, [0] * 3, conv.groups)
         ctx.conv, ctx.x_dtype, ctx.has_bias = conv, x.dtype, bias is not None
         ctx.save_for_backward(xc, wc)  # what autocast's convolution would keep
         return out
@@ -112,11 +164,14 @@ class _Conv3dWeightGrad(torch.autograd.Function):
 
 class Conv3d(nn.Conv3d):
     """nn.Conv3d (same parameters and state_dict keys) that, when training in bfloat16 on a CPU
-    where it pays (uses_weight_grad_kernel), computes its weight gradient with our kernel."""
+    where it pays, computes its convolutions with our kernels (uses_winograd,
+    uses_weight_grad_kernel)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and self.weight.requires_grad:
+        # Training, not grad mode: the "cheap" recomputation runs its forward under no_grad.
+        if self.training and self.weight.requires_grad:
             dtype = compute_dtype(x, self.weight)
-            if uses_weight_grad_kernel(self, x, dtype):
-                return _Conv3dWeightGrad.apply(self, dtype, x, self.weight, self.bias)
+            if (uses_weight_grad_kernel(self, x, dtype) or uses_winograd(self, x, dtype)
+                    or uses_winograd(self, x, dtype, channels=self.out_channels)):  # the input gradient
+                return _Conv3dBf16.apply(self, dtype, x, self.weight, self.bias)
         return super().forward(x)

@@ -8,6 +8,7 @@ by default the fastest available one for the tensor's device runs (see _backends
 from ._backends import BackendUnavailable, FastOp, get_backend_override, set_backend
 from .avg_skip import avg_skip, avg_skip_reference
 from .conv3d_weight_grad import conv3d_weight_grad, conv3d_weight_grad_reference
+from .conv3d_winograd import conv3d_winograd, conv3d_winograd_input_grad, conv3d_winograd_reference
 from .assemble_input import assemble_input, assemble_input_reference, coord_encoding
 from .group_norm_silu import (group_norm_silu, group_norm_silu_apply, group_norm_silu_apply_reference,
                               group_norm_silu_reference, group_norm_silu_stats, group_norm_silu_stats_reference)
@@ -21,7 +22,8 @@ del _op
 
 __all__ = [
     "BackendUnavailable", "assemble_input", "assemble_input_reference", "avg_skip",
-    "avg_skip_reference", "conv3d_weight_grad", "conv3d_weight_grad_reference", "coord_encoding", "ddim_step", "ddpm_step", "get_backend_override",
+    "avg_skip_reference", "conv3d_weight_grad", "conv3d_weight_grad_reference",
+    "conv3d_winograd", "conv3d_winograd_input_grad", "conv3d_winograd_reference", "coord_encoding", "ddim_step", "ddpm_step", "get_backend_override",
     "group_norm_silu", "group_norm_silu_apply", "group_norm_silu_apply_reference", "group_norm_silu_reference",
     "group_norm_silu_stats", "group_norm_silu_stats_reference",
     "noise_update_reference", "philox_normal", "philox_normal_reference", "q_sample", "set_backend",

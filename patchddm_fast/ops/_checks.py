@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+from .._extension import EXTENSION
+from ..fast_settings import cpu_flags
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -41,3 +46,20 @@ def check_contiguous(op: str, **tensors) -> None:
 def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the ops compute in: float64 for float64 inputs, float32 for all others."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@functools.cache  # asked at every training convolution's call; the answer does not change in a process
+def avx512_bf16_kernel_runs(op: str) -> bool:
+    """Whether patchddm::<op>, a CPU kernel written for AVX512-BF16, runs here: the extension is
+    built with it and the CPU has AVX512-BF16 (the op itself refuses other CPUs)."""
+    return EXTENSION.has_kernel(op, "CPU") and "avx512_bf16" in cpu_flags()
+
+
+def refuse_without_avx512_bf16(op: str) -> None:
+    """A clear error, saying why, where avx512_bf16_kernel_runs(op) is False."""
+    if avx512_bf16_kernel_runs(op):
+        return
+    why = (EXTENSION.error if not EXTENSION.loaded
+           else "the extension was built without it: rebuild it" if not EXTENSION.has_kernel(op, "CPU")
+           else "this CPU has no AVX512-BF16")
+    raise RuntimeError(f"{op}: the kernel cannot run here ({why}); use {op}_reference")

@@ -6,7 +6,7 @@ was the largest single cost of a bfloat16 training step of the paper's network (
 convolutions at 29 channels, 64^3). csrc/cpu/conv3d_weight_grad.cpp computes it with VDPBF16PS
 close to the forward's speed (29 channels 64^3, 2 threads: 32.9 ms, oneDNN 52.6, the forward
 29.6), in float32 (oneDNN rounds its result to bfloat16).
-benchmarks/conv_weight_grad.py measures both side by side.
+benchmarks/conv_bf16.py measures both side by side.
 
 Unlike the other ops this one has a single kernel (CPU, AVX512-BF16) and no backends: on GPUs
 and on AMX CPUs the libraries' own weight gradients are the fast ones. nn/conv.py decides where
@@ -15,22 +15,17 @@ the U-Net uses it (`uses_weight_grad_kernel`).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from .._extension import EXTENSION
-from ..fast_settings import cpu_flags
-from ._checks import check_tensor
+from ._checks import avx512_bf16_kernel_runs, check_tensor, refuse_without_avx512_bf16
 
 NAME = "conv3d_weight_grad"
 
 
-@functools.cache  # asked at every training convolution's call; neither answer changes in a process
 def kernel_available() -> bool:
-    """Whether patchddm::conv3d_weight_grad runs here: the extension is built and the CPU has
-    AVX512-BF16 (the op itself refuses other CPUs)."""
-    return EXTENSION.has_kernel(NAME, "CPU") and "avx512_bf16" in cpu_flags()
+    """Whether patchddm::conv3d_weight_grad runs here (the extension and AVX512-BF16)."""
+    return avx512_bf16_kernel_runs(NAME)
 
 
 def conv3d_weight_grad_reference(input: torch.Tensor, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,11 +59,7 @@ def conv3d_weight_grad(input: torch.Tensor, grad_out: torch.Tensor) -> tuple[tor
     AVX512-BF16 (kernel_available()); a clear error otherwise.
     """
     check_arguments(input, grad_out)
-    if not kernel_available():
-        why = (EXTENSION.error if not EXTENSION.loaded
-               else "the extension was built without it: rebuild it" if not EXTENSION.has_kernel(NAME, "CPU")
-               else "this CPU has no AVX512-BF16")
-        raise RuntimeError(f"{NAME}: the kernel cannot run here ({why}); use {NAME}_reference")
+    refuse_without_avx512_bf16(NAME)
     return torch.ops.patchddm.conv3d_weight_grad(input, grad_out)
 
 

@@ -153,7 +153,7 @@ class TrainConfig:
         import torch
 
         from ..fast_settings import fast_settings
-        from ..nn.conv import weight_grad_kernel_chosen
+        from ..nn.conv import weight_grad_kernel_chosen, winograd_chosen
 
         fast = fast_settings(device)
         precision = self.precision if self.precision is not None else fast.precision
@@ -163,8 +163,11 @@ class TrainConfig:
         resolved = self.replace(precision=precision, channels_last=channels_last)
         line = (f"execution: {precision}, {'channels_last_3d' if channels_last else 'contiguous'} "
                 f"({origin}); recomputation {resolved.memory_option}")
-        if precision == "bf16" and torch.device(device).type == "cpu" and weight_grad_kernel_chosen():
-            line += "; bfloat16 weight gradients of the full-size convolutions from patchddm's kernel"
+        if precision == "bf16" and torch.device(device).type == "cpu":
+            kernels = [what for what, chosen in (("Winograd convolutions", winograd_chosen()),
+                                                 ("weight gradients", weight_grad_kernel_chosen())) if chosen]
+            if kernels:
+                line += f"; bfloat16 {' and '.join(kernels)} from patchddm's kernels where they win"
         return resolved, line
 
     def lr_at(self, step: int) -> float:

@@ -15,7 +15,7 @@ OPS = sorted(schemas())
 def test_schemas_def_lists_every_op():
     assert {"avg_skip", "group_norm_silu_forward", "group_norm_silu_backward", "group_norm_silu_apply",
             "group_norm_silu_apply_out", "group_norm_silu_stats", "noise_update", "noise_update_out", "philox_normal", "assemble_input",
-            "assemble_input_out", "cpu_isa", "conv3d_weight_grad"} == set(OPS)
+            "assemble_input_out", "cpu_isa", "conv3d_weight_grad", "conv3d_winograd"} == set(OPS)
     assert mutated_args("group_norm_silu_apply_out") == ("out",)
     assert mutated_args("noise_update_out") == ("out", "x0_out")
     assert mutated_args("assemble_input_out") == ("out",)
@@ -30,7 +30,7 @@ def test_compiled_op_has_the_schema(op):
 
 
 @pytest.mark.skipif(not TRITON_IMPORTABLE, reason="triton is not importable")
-# cpu_isa and conv3d_weight_grad: CPU kernels only, no Triton twin
-@pytest.mark.parametrize("op", [op for op in OPS if op not in ("cpu_isa", "conv3d_weight_grad")])
+# cpu_isa, conv3d_weight_grad and conv3d_winograd: CPU kernels only, no Triton twin
+@pytest.mark.parametrize("op", [op for op in OPS if op not in ("cpu_isa", "conv3d_weight_grad", "conv3d_winograd")])
 def test_triton_op_has_the_schema(op):
     assert str(getattr(torch.ops.patchddm_triton, op).default._schema) == f"patchddm_triton::{op}{schema(op)}"

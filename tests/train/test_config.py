@@ -126,7 +126,7 @@ def test_runs_recorded_before_the_prediction_type_setting_predicted_the_noise(tm
 
 def test_auto_execution_takes_the_device_settings(monkeypatch):
     from patchddm_fast import fast_settings as fs
-    from patchddm_fast.nn.conv import weight_grad_kernel_chosen
+    from patchddm_fast.nn.conv import weight_grad_kernel_chosen, winograd_chosen
 
     for native in (True, False):
         monkeypatch.setattr(fs, "cpu_flags", lambda native=native: frozenset({"avx512_bf16"} if native else ()))
@@ -138,7 +138,8 @@ def test_auto_execution_takes_the_device_settings(monkeypatch):
         assert resolved.precision == ("bf16" if native else "fp32")
         assert line.startswith(f"execution: {resolved.precision}, ") and "auto" in line
         assert f"recomputation {resolved.memory_option}" in line
-        assert ("patchddm's kernel" in line) == (native and weight_grad_kernel_chosen())
+        assert ("weight gradients" in line) == (native and weight_grad_kernel_chosen())
+        assert ("Winograd convolutions" in line) == (native and winograd_chosen())
         assert "\n" not in line
         # the paper preset's recomputation follows the resolved precision, and the line says so
         paper, paper_line = config(preset="paper").execution("cpu")
