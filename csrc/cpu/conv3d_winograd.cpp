@@ -165,6 +165,10 @@ void transform_tile(const uint16_t* x, const Shape& s, int64_t b, int64_t z0, in
   }
 }
 
+// M's tile stride: 64 points of out_pad floats and one cache line, so that the 8 tiles a
+// micro-kernel call stores to do not all fall in one L1 set (8 KiB apart at 32 channels).
+inline int64_t tile_stride(int64_t out_pad) { return kPoints * out_pad + kLanes; }
+
 // M[t][p][o] = sum over channel pairs of V[p][t][pair] . U[p][pair][o], for every point p,
 // the groups of kGroup tiles [0, groups * kGroup) and output vectors [v0, v0 + NV).
 template <int NV>
@@ -174,7 +178,7 @@ void products(const Shape& s, const uint32_t* v, const uint32_t* u, int64_t v0, 
     for (int64_t g = 0; g < groups; ++g) {
       const uint32_t* vp = v + p * vstride + g * kGroup * pairs;
       const uint32_t* up = u + p * pairs * out_pad + v0 * kLanes;
-      float* mp = m + (g * kGroup * kPoints + p) * out_pad + v0 * kLanes;
+      float* mp = m + g * kGroup * tile_stride(out_pad) + p * out_pad + v0 * kLanes;
       __m512 acc[kGroup][NV];
 #pragma GCC unroll 8
       for (int t = 0; t < kGroup; ++t)
@@ -194,7 +198,7 @@ void products(const Shape& s, const uint32_t* v, const uint32_t* u, int64_t v0, 
 #pragma GCC unroll 8
       for (int t = 0; t < kGroup; ++t)
 #pragma GCC unroll 4
-        for (int j = 0; j < NV; ++j) _mm512_storeu_ps(mp + t * kPoints * out_pad + j * kLanes, acc[t][j]);
+        for (int j = 0; j < NV; ++j) _mm512_storeu_ps(mp + t * tile_stride(out_pad) + j * kLanes, acc[t][j]);
     }
 }
 
@@ -238,7 +242,7 @@ void output_tile(const float* m, const float* bias, const Shape& s, int64_t b, i
 
 struct Scratch {
   std::vector<uint16_t> v;  // [p][tile][in_pad]
-  std::vector<float> m;     // [tile][p][out_pad]
+  std::vector<float> m;     // [tile][p][out_pad], tiles tile_stride apart
   std::vector<float> buf;   // 64 x 16
 };
 
@@ -249,7 +253,7 @@ void block(const uint16_t* x, const uint32_t* u, const float* bias, const Shape&
   const int64_t groups = (n + kGroup - 1) / kGroup;
   const int64_t vstride = kBlockTiles * s.in_pad();
   sc.v.resize(kPoints * vstride);
-  sc.m.resize(kBlockTiles * kPoints * s.out_pad());
+  sc.m.resize(kBlockTiles * tile_stride(s.out_pad()));
   sc.buf.resize(kPoints * kLanes);
   const int64_t z0 = 2 * td - 1, y0 = 2 * th - 1;
   const bool edge_zy = z0 < 0 || z0 + 4 > s.depth || y0 < 0 || y0 + 4 > s.height;
@@ -270,7 +274,7 @@ void block(const uint16_t* x, const uint32_t* u, const float* bias, const Shape&
     kProducts[nv](s, v, u, v0, groups, sc.m.data());
   }
   for (int64_t t = 0; t < n; ++t)
-    output_tile(sc.m.data() + t * kPoints * s.out_pad(), bias, s, b, 2 * td, 2 * th, 2 * (tw0 + t), out);
+    output_tile(sc.m.data() + t * tile_stride(s.out_pad()), bias, s, b, 2 * td, 2 * th, 2 * (tw0 + t), out);
 }
 
 #pragma GCC pop_options
