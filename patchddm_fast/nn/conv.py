@@ -5,8 +5,8 @@ On CPUs with AVX512-BF16 and no AMX, oneDNN's bfloat16 forward and input gradien
 the CPU's dot-product rate and its weight gradient at about half of it. Two kernels of ours
 (AMD EPYC Zen 4, 2 threads; benchmarks/conv_bf16.py):
 - ops/conv3d_winograd.py, Winograd's F(2x2x2, 3x3x3), for the forward and the input gradient:
-  8 products per output instead of 27 (1.60x at 29 channels 64^3, 2.17x at 87 channels 32^3,
-  1.41x at 116 channels 16^3); it loses below 24 channels into the convolution or 16 x 16
+  8 products per output instead of 27 (1.65x at 29 channels 64^3, 2.0x at 87 channels 32^3,
+  1.3x-1.5x at 116 channels 16^3); it loses below 24 channels into the convolution or 16 x 16
   planes, so it is used from there up only;
 - ops/conv3d_weight_grad.py for the weight gradient (1.60x at 29 channels 64^3, 1.09x at 87
   channels 32^3, 0.92x at 116 channels 16^3): used on planes of at least 32 x 32.
@@ -14,8 +14,8 @@ On AMX CPUs oneDNN's kernels are different ones that we have not measured agains
 keep them; so do float32, evaluation mode and every other geometry.
 
 Ours returns float32 weight gradients (oneDNN rounds them to bfloat16 before autograd casts
-them back to the float32 weights). Winograd's outputs carry about twice the rounding error of
-a direct bfloat16 convolution (ops/conv3d_winograd.py). The parameters, their names and the
+them back to the float32 weights). Winograd's outputs carry about three times the rounding
+error of a direct bfloat16 convolution (ops/conv3d_winograd.py). The parameters, their names and the
 plain nn.Conv3d behaviour elsewhere are unchanged.
 """
 

@@ -5,13 +5,14 @@ convolutions already run near the CPU's dot-product rate, which left a bfloat16 
 of the paper's network at about 2.3x the original's float32 step. Winograd's F(2, 3) in each of
 the three dimensions takes 8 products per output and channel pair instead of 27;
 csrc/cpu/conv3d_winograd.cpp computes them with VDPBF16PS and the transforms in float32
-(AMD EPYC Zen 4, 2 threads, against oneDNN: 1.60x at 29 channels 64^3, 2.17x at 87 channels
-32^3, 1.41x at 116 channels 16^3; not faster below about 24 input channels or 16 x 16 planes,
+(AMD EPYC Zen 4, 2 threads, against oneDNN: 1.65x at 29 channels 64^3, 2.0x at 87 channels
+32^3, 1.3x-1.5x at 116 channels 16^3; not faster below about 24 input channels or 16 x 16 planes,
 where the transforms outweigh the products). benchmarks/conv_bf16.py measures it side by side.
 
 The price is precision: the transformed input and weights are rounded to bfloat16 (autocast
-rounds the input and the weights themselves), so the error is about twice a direct bfloat16
-convolution's; tests/ops/test_conv3d_winograd.py bounds it. A convolution's input gradient is
+rounds the input and the weights themselves), so on random data the rms error is 2.2x-3.4x a
+direct bfloat16 convolution's (0.4-0.6 % of the output's rms, where the direct one's is its
+output's rounding); tests/ops/test_conv3d_winograd.py bounds it. A convolution's input gradient is
 the same op on grad_out with the weights flipped and transposed (`conv3d_winograd_input_grad`).
 nn/conv.py decides where the U-Net uses it.
 """
