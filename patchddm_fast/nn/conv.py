@@ -21,6 +21,9 @@ plain nn.Conv3d behaviour elsewhere are unchanged.
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 import torch.nn as nn
 
@@ -39,9 +42,22 @@ MIN_PLANE = 32 * 32
 WINOGRAD_MIN_PLANE = 16 * 16
 WINOGRAD_MIN_CHANNELS = 24
 
-# "auto" (ours where it is faster, as above), "onednn" (never ours): benchmarks compare both.
-weight_grad_choice = "auto"
-winograd_choice = "auto"
+CHOICES = ("auto", "onednn")
+
+
+def _choice_from_environment() -> str:
+    """PATCHDDM_BF16_CONV: "auto" (the default) or "onednn" (none of our convolution kernels,
+    e.g. to compare a run with Winograd's rounding against one without); others are ignored."""
+    value = os.environ.get("PATCHDDM_BF16_CONV", "").strip().lower()
+    if value and value not in CHOICES:
+        warnings.warn(f"PATCHDDM_BF16_CONV={value!r} ignored: choose one of {', '.join(CHOICES)}", stacklevel=2)
+        return "auto"
+    return value or "auto"
+
+
+# "auto" (ours where it is faster, as above), "onednn" (never ours): read from the environment
+# at import, and set by the benchmarks to compare both.
+weight_grad_choice = winograd_choice = _choice_from_environment()
 
 
 def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -94,7 +110,7 @@ def bf16_conv_status() -> str:
     """One line for `patchddm info`: where this CPU's bfloat16 training takes its convolutions."""
     def one(choice: str, available: bool, ours: str) -> str:
         if choice != "auto":
-            return f"oneDNN (chosen: {choice!r})"
+            return f"oneDNN (chosen: {choice!r}, e.g. by PATCHDDM_BF16_CONV)"
         if not available:
             return "oneDNN (no AVX512-BF16 here, or the extension is not built)"
         if "amx_bf16" in cpu_flags():

@@ -3,6 +3,9 @@ and input gradient from patchddm's Winograd kernel and the weight gradient from 
 gradient kernel where those pay, and is nn.Conv3d everywhere else."""
 
 import contextlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -224,3 +227,20 @@ def test_unet_bf16_step_with_winograd_matches_onednn(checkpoint, calls, monkeypa
     # and 32 channels); 2x leaves a margin of 1.3. The step stays about as close to float32 as
     # autocast's; a wrong kernel would not.
     assert max(errors(ours)) <= 2 * max(errors(theirs))
+
+
+@pytest.mark.parametrize("value,choice,warned", [("onednn", "onednn", False), (" ONEDNN ", "onednn", False),
+                                                 ("", "auto", False), ("fast", "auto", True)])
+def test_the_environment_chooses_onednn_or_auto(value, choice, warned):
+    # Read at import: a fresh interpreter with PATCHDDM_BF16_CONV set.
+    code = ("import warnings; warnings.simplefilter('always')\n"
+            "from patchddm_fast.nn import conv\n"
+            "print(conv.winograd_choice, conv.weight_grad_choice)\n"
+            "print(conv.bf16_conv_status())")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=dict(os.environ, PATCHDDM_BF16_CONV=value))
+    assert result.returncode == 0, result.stderr
+    choices, status = result.stdout.splitlines()[:2]
+    assert choices == f"{choice} {choice}"
+    assert (status.count("chosen: 'onednn'") == 2) == (choice == "onednn")
+    assert ("PATCHDDM_BF16_CONV='fast' ignored: choose one of auto, onednn" in result.stderr) == warned
