@@ -10,7 +10,8 @@ to it. Cases:
   original float32         the plain U-Net, torch.cat input, eager noising (the original)
   original bf16 autocast   the same under torch.autocast(bfloat16)
   ours float32             the fused U-Net, checkpoint "cheap" (the trainer's paper preset),
-                           without recomputation ("off"), and in channels_last_3d
+                           without recomputation ("off"), and in channels_last_3d (also with
+                           oneDNN's convolutions instead of our float32 Winograd kernel)
   ours auto                the trainer's automatic settings for this device (fast_settings:
                            bfloat16 autocast and channels_last_3d on a CPU with native bf16;
                            the paper preset's recomputation for that precision)
@@ -77,6 +78,7 @@ def _cases(preset: str) -> dict:
         "ours float32 (checkpoint off)": ("ours", "float32", "off", False),
         "ours float32 (cheap)": ("ours", "float32", "cheap", False),
         "ours float32 (cheap, channels_last)": ("ours", "float32", "cheap", True),
+        "ours float32 (cheap, channels_last), oneDNN convolutions": ("ours", "float32", "cheap", True, "onednn", "onednn"),
         f"ours auto ({fast.precision}, {'channels_last' if fast.channels_last else 'contiguous'}, {auto_memory})":
             ("ours", auto_precision, auto_memory, fast.channels_last),
         "ours auto, oneDNN weight gradient": ("ours", auto_precision, auto_memory, fast.channels_last, "onednn"),

@@ -16,9 +16,9 @@ def _devices() -> list[str]:
     if EXTENSION.loaded and hasattr(torch.ops.patchddm, "cpu_isa"):
         cpu += f", C++ loops for {torch.ops.patchddm.cpu_isa()} (PATCHDDM_CPU_ISA caps it)"
     lines = [cpu]
-    from .nn.conv import bf16_conv_status
+    from .nn.conv import conv_status
 
-    lines.append(f"cpu: bfloat16 training's 3x3x3 convolutions: {bf16_conv_status()}")
+    lines.append(f"cpu: training's 3x3x3 convolutions: {conv_status()}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)

@@ -10,10 +10,10 @@ from benchmarks import train_step  # noqa: E402
 
 def test_one_round_of_the_small_preset(capsys):
     best, losses = train_step.main(["--preset", "small", "--size", "16", "--rounds", "1"])
-    assert list(best) == list(losses) and len(best) == 10
+    assert list(best) == list(losses) and len(best) == 11
     assert all(wall > 0 and cpu >= 0 for wall, cpu in best.values())
     printed = capsys.readouterr().out
-    assert printed.count("\n| original float32 | ") == 1 and printed.count("\n| ours ") == 8
+    assert printed.count("\n| original float32 | ") == 1 and printed.count("\n| ours ") == 9
 
 
 def test_fresh_processes_and_a_choice_of_cases(capsys):

@@ -284,9 +284,9 @@ def test_phantoms_and_info(tmp_path, capsys):
     assert_one_line_error(err, "at least 16")
     status, stdout, _ = run_cli(capsys, "info")
     assert status == 0 and "patchddm_fast" in stdout and "torch" in stdout
-    from patchddm_fast.nn.conv import bf16_conv_status
+    from patchddm_fast.nn.conv import conv_status
 
-    assert f"3x3x3 convolutions: {bf16_conv_status()}" in stdout
+    assert f"3x3x3 convolutions: {conv_status()}" in stdout
 
 
 def test_import_checkpoint(tmp_path, capsys):

@@ -67,13 +67,22 @@ const char* isa_name(Isa isa);
   } while (0)
 #endif
 
-// Whether the CPU runs AVX512-BF16 (VDPBF16PS, VCVTNEPS2BF16), which the bfloat16
-// convolution kernels need beside AVX-512; false where the variants are not compiled.
-inline bool cpu_has_avx512_bf16() {
+// Whether the CPU runs the AVX-512 subsets that the convolution kernels use (F, BW, VL), and
+// AVX512-BF16 (VDPBF16PS, VCVTNEPS2BF16) beside them for bfloat16; false where the variants
+// are not compiled.
+inline bool cpu_has_avx512() {
 #if PATCHDDM_ISA_VARIANTS
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+         __builtin_cpu_supports("avx512vl");
+#else
+  return false;
+#endif
+}
+
+inline bool cpu_has_avx512_bf16() {
+#if PATCHDDM_ISA_VARIANTS
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
 #else
   return false;
 #endif

@@ -1,22 +1,24 @@
-"""The fused U-Net's 3x3x3 convolution: nn.Conv3d whose bfloat16 CPU training step takes its
+"""The fused U-Net's 3x3x3 convolution: nn.Conv3d whose CPU training step takes its
 convolutions from patchddm's kernels where those are faster than oneDNN's.
 
-On CPUs with AVX512-BF16 and no AMX, oneDNN's bfloat16 forward and input gradient run near
-the CPU's dot-product rate and its weight gradient at about half of it. Two kernels of ours
-(AMD EPYC Zen 4, 2 threads; benchmarks/conv_bf16.py):
+Two kernels of ours (AMD EPYC Zen 4, 2 threads, channels_last_3d; benchmarks/conv_kernels.py):
 - ops/conv3d_winograd.py, Winograd's F(2x2x2, 3x3x3), for the forward and the input gradient:
-  8 products per output instead of 27 (1.65x at 29 channels 64^3, 2.0x at 87 channels 32^3,
-  1.3x-1.5x at 116 channels 16^3); it loses below 24 channels into the convolution or 16 x 16
-  planes, so it is used from there up only;
-- ops/conv3d_weight_grad.py for the weight gradient (1.60x at 29 channels 64^3, 1.09x at 87
-  channels 32^3, 0.92x at 116 channels 16^3): used on planes of at least 32 x 32.
+  8 products per output instead of 27. In bfloat16 (CPUs with AVX512-BF16, where oneDNN runs
+  at the dot-product rate): 1.65x at 29 channels 64^3, 2.0x at 87 channels 32^3, 1.3x-1.5x at
+  116 channels 16^3, used from 24 channels into the convolution and 16 x 16 planes. In float32
+  (any AVX-512 CPU, where oneDNN runs at about two thirds of the FMA rate): 2.1x, 2.5x and
+  2.0x there, used from 16 channels and 16 x 16 planes.
+- ops/conv3d_weight_grad.py for the bfloat16 weight gradient, which oneDNN computes at about
+  half its forward's speed without AMX (1.60x at 29 channels 64^3, 1.09x at 87 channels 32^3,
+  0.92x at 116 channels 16^3): used on planes of at least 32 x 32.
 On AMX CPUs oneDNN's kernels are different ones that we have not measured against, so they
-keep them; so do float32, evaluation mode and every other geometry.
+keep them; so do evaluation mode (sampling) and every other geometry.
 
-Ours returns float32 weight gradients (oneDNN rounds them to bfloat16 before autograd casts
-them back to the float32 weights). Winograd's outputs carry about three times the rounding
-error of a direct bfloat16 convolution (ops/conv3d_winograd.py). The parameters, their names and the
-plain nn.Conv3d behaviour elsewhere are unchanged.
+Ours returns float32 weight gradients (oneDNN rounds bfloat16 ones to bfloat16 before autograd
+casts them back to the float32 weights). Winograd's bfloat16 outputs carry about three times
+the rounding error of a direct bfloat16 convolution, its float32 ones float32 rounding
+(ops/conv3d_winograd.py). The parameters, their names and the plain nn.Conv3d behaviour
+elsewhere are unchanged.
 """
 
 from __future__ import annotations
@@ -35,22 +37,23 @@ from ..ops.group_norm_silu import memory_format
 
 # Smallest plane (height x width) where our weight gradient was faster (32 x 32: 1.09x; 16 x 16: 0.92x).
 MIN_PLANE = 32 * 32
-# Where Winograd was faster (benchmarks/conv_bf16.py and the same on other shapes): planes of
-# 16 x 16 (116 channels: 1.41x; 8 x 8: 0.34x) and 24 channels into the convolution or more
-# (24 -> 24 at 64^3: 1.42x, 29 -> 29 1.60x; 16 -> 16 1.68x at 4 x 32^3 but 0.87x at 64^3, where
-# oneDNN fits 16 channels exactly; 12 -> 12 1.00x, 8 -> 29 0.71x).
+# Where Winograd was faster (benchmarks/conv_kernels.py and the same on other shapes), 2 threads:
+# planes of 16 x 16 (bf16 116 channels 1.41x, 8 x 8 0.34x; float32 1.98x and 1.12x, but 32
+# channels at 8 x 8 0.46x); channels into the convolution, bfloat16: 24 -> 24 at 64^3 1.42x,
+# 16 -> 16 1.68x at 4 x 32^3 but 0.87x at 64^3, 12 -> 12 1.00x, 8 -> 29 0.71x; float32:
+# 16 -> 16 at 64^3 1.42x and at 4 x 16^3 1.09x, 8 -> 8 0.90x-1.02x, 4 -> 8 0.76x.
 WINOGRAD_MIN_PLANE = 16 * 16
-WINOGRAD_MIN_CHANNELS = 24
+WINOGRAD_MIN_CHANNELS = {torch.bfloat16: 24, torch.float32: 16}
 
 CHOICES = ("auto", "onednn")
 
 
 def _choice_from_environment() -> str:
-    """PATCHDDM_BF16_CONV: "auto" (the default) or "onednn" (none of our convolution kernels,
+    """PATCHDDM_CPU_CONV: "auto" (the default) or "onednn" (none of our convolution kernels,
     e.g. to compare a run with Winograd's rounding against one without); others are ignored."""
-    value = os.environ.get("PATCHDDM_BF16_CONV", "").strip().lower()
+    value = os.environ.get("PATCHDDM_CPU_CONV", "").strip().lower()
     if value and value not in CHOICES:
-        warnings.warn(f"PATCHDDM_BF16_CONV={value!r} ignored: choose one of {', '.join(CHOICES)}", stacklevel=2)
+        warnings.warn(f"PATCHDDM_CPU_CONV={value!r} ignored: choose one of {', '.join(CHOICES)}", stacklevel=2)
         return "auto"
     return value or "auto"
 
@@ -68,10 +71,10 @@ def compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
-def _bf16_cpu_3x3x3(conv: nn.Conv3d, x: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether conv of x is the case our kernels compute: a bfloat16 CPU 3x3x3 convolution with
+def _cpu_3x3x3(conv: nn.Conv3d, x: torch.Tensor) -> bool:
+    """Whether conv of x is the geometry our kernels compute: a CPU 3x3x3 convolution with
     stride 1, padding 1 and one group, in this module class."""
-    return (isinstance(conv, Conv3d) and dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 5
+    return (isinstance(conv, Conv3d) and x.device.type == "cpu" and x.dim() == 5
             and conv.kernel_size == (3, 3, 3) and conv.stride == (1, 1, 1) and conv.padding == (1, 1, 1)
             and conv.dilation == (1, 1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
 
@@ -83,7 +86,8 @@ def _chosen(choice: str, available: bool) -> bool:
 
 def uses_weight_grad_kernel(conv: nn.Conv3d, x: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether conv's weight gradient for input x (computed in dtype) comes from our kernel."""
-    return _bf16_cpu_3x3x3(conv, x, dtype) and x.shape[-2] * x.shape[-1] >= MIN_PLANE and weight_grad_kernel_chosen()
+    return (dtype == torch.bfloat16 and _cpu_3x3x3(conv, x) and x.shape[-2] * x.shape[-1] >= MIN_PLANE
+            and weight_grad_kernel_chosen())
 
 
 def uses_winograd(conv: nn.Conv3d, x: torch.Tensor, dtype: torch.dtype, channels: int | None = None) -> bool:
@@ -91,8 +95,8 @@ def uses_winograd(conv: nn.Conv3d, x: torch.Tensor, dtype: torch.dtype, channels
     its forward of x, or its input gradient when x is the output gradient. channels: those
     going into the convolution when not x's (the input gradient's, before grad_out exists)."""
     channels = x.shape[1] if channels is None else channels
-    return (_bf16_cpu_3x3x3(conv, x, dtype) and channels >= WINOGRAD_MIN_CHANNELS
-            and x.shape[-2] * x.shape[-1] >= WINOGRAD_MIN_PLANE and winograd_chosen())
+    return (dtype in WINOGRAD_MIN_CHANNELS and _cpu_3x3x3(conv, x) and channels >= WINOGRAD_MIN_CHANNELS[dtype]
+            and x.shape[-2] * x.shape[-1] >= WINOGRAD_MIN_PLANE and winograd_chosen(dtype))
 
 
 def weight_grad_kernel_chosen() -> bool:
@@ -101,26 +105,31 @@ def weight_grad_kernel_chosen() -> bool:
     return _chosen(weight_grad_choice, weight_grad_available())
 
 
-def winograd_chosen() -> bool:
-    """The same for the forward and input gradient by Winograd."""
-    return _chosen(winograd_choice, winograd_available())
+def winograd_chosen(dtype: torch.dtype) -> bool:
+    """The same for the forward and input gradient by Winograd in dtype (AVX512-BF16 for
+    bfloat16, AVX-512 for float32)."""
+    return _chosen(winograd_choice, winograd_available(dtype))
 
 
-def bf16_conv_status() -> str:
-    """One line for `patchddm info`: where this CPU's bfloat16 training takes its convolutions."""
+def conv_status() -> str:
+    """One line for `patchddm info`: where this CPU's training takes its 3x3x3 convolutions."""
     def one(choice: str, available: bool, ours: str) -> str:
         if choice != "auto":
-            return f"oneDNN (chosen: {choice!r}, e.g. by PATCHDDM_BF16_CONV)"
+            return f"oneDNN (chosen: {choice!r}, e.g. by PATCHDDM_CPU_CONV)"
         if not available:
-            return "oneDNN (no AVX512-BF16 here, or the extension is not built)"
+            return "oneDNN (no AVX-512 or AVX512-BF16 here, or the extension is not built)"
         if "amx_bf16" in cpu_flags():
             return "oneDNN (this CPU has AMX, where oneDNN has its own fast kernels)"
         return ours
-    return ("forward and input gradient: " + one(winograd_choice, winograd_available(),
-                                                   f"patchddm's Winograd kernel from {WINOGRAD_MIN_CHANNELS} "
-                                                   f"channels and {WINOGRAD_MIN_PLANE}-voxel planes, oneDNN below")
-            + "; weight gradient: " + one(weight_grad_choice, weight_grad_available(),
-                                           f"patchddm's kernel from {MIN_PLANE}-voxel planes, oneDNN below"))
+
+    def winograd(dtype: torch.dtype) -> str:
+        return one(winograd_choice, winograd_available(dtype),
+                   f"patchddm's Winograd kernel from {WINOGRAD_MIN_CHANNELS[dtype]} channels and "
+                   f"{WINOGRAD_MIN_PLANE}-voxel planes, oneDNN below")
+    return (f"float32 forward and input gradient: {winograd(torch.float32)}; bfloat16 forward and input "
+            f"gradient: {winograd(torch.bfloat16)}; bfloat16 weight gradient: "
+            + one(weight_grad_choice, weight_grad_available(),
+                  f"patchddm's kernel from {MIN_PLANE}-voxel planes, oneDNN below"))
 
 
 def conv3d_backward(conv: nn.Conv3d, grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
@@ -146,10 +155,10 @@ def conv3d_backward(conv: nn.Conv3d, grad_out: torch.Tensor, x: torch.Tensor, we
     return tuple(grads)
 
 
-class _Conv3dBf16(torch.autograd.Function):
-    """conv(x) computed in `dtype` from float32 parameters, as autocast would compute it (by
-    Winograd where uses_winograd says so); backward through conv3d_backward, returning float32
-    parameter gradients directly."""
+class _Conv3dOurs(torch.autograd.Function):
+    """conv(x) computed in `dtype` from the parameters, as autocast (or plain float32) would
+    compute it, by Winograd where uses_winograd says so; backward through conv3d_backward,
+    returning the parameters' gradients in their dtype."""
 
     @staticmethod
     def forward(ctx, conv, dtype, x, weight, bias):
@@ -179,9 +188,8 @@ class _Conv3dBf16(torch.autograd.Function):
 
 
 class Conv3d(nn.Conv3d):
-    """nn.Conv3d (same parameters and state_dict keys) that, when training in bfloat16 on a CPU
-    where it pays, computes its convolutions with our kernels (uses_winograd,
-    uses_weight_grad_kernel)."""
+    """nn.Conv3d (same parameters and state_dict keys) that, when training on a CPU where it
+    pays, computes its convolutions with our kernels (uses_winograd, uses_weight_grad_kernel)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Training, not grad mode: the "cheap" recomputation runs its forward under no_grad.
@@ -189,5 +197,5 @@ class Conv3d(nn.Conv3d):
             dtype = compute_dtype(x, self.weight)
             if (uses_weight_grad_kernel(self, x, dtype) or uses_winograd(self, x, dtype)
                     or uses_winograd(self, x, dtype, channels=self.out_channels)):  # the input gradient
-                return _Conv3dBf16.apply(self, dtype, x, self.weight, self.bias)
+                return _Conv3dOurs.apply(self, dtype, x, self.weight, self.bias)
         return super().forward(x)

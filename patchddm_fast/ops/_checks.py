@@ -48,18 +48,23 @@ def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# The CPU flags (/proc/cpuinfo) that the convolution kernels' instructions need.
+AVX512 = ("avx512f", "avx512bw", "avx512vl")
+AVX512_BF16 = AVX512 + ("avx512_bf16",)
+
+
 @functools.cache  # asked at every training convolution's call; the answer does not change in a process
-def avx512_bf16_kernel_runs(op: str) -> bool:
-    """Whether patchddm::<op>, a CPU kernel written for AVX512-BF16, runs here: the extension is
-    built with it and the CPU has AVX512-BF16 (the op itself refuses other CPUs)."""
-    return EXTENSION.has_kernel(op, "CPU") and "avx512_bf16" in cpu_flags()
+def cpu_kernel_runs(op: str, needs: tuple[str, ...] = AVX512_BF16) -> bool:
+    """Whether patchddm::<op>, a CPU kernel written for the instructions `needs` names, runs
+    here: the extension is built with it and the CPU has them (the op itself refuses others)."""
+    return EXTENSION.has_kernel(op, "CPU") and set(needs) <= cpu_flags()
 
 
-def refuse_without_avx512_bf16(op: str) -> None:
-    """A clear error, saying why, where avx512_bf16_kernel_runs(op) is False."""
-    if avx512_bf16_kernel_runs(op):
+def refuse_cpu_kernel(op: str, needs: tuple[str, ...] = AVX512_BF16) -> None:
+    """A clear error, saying why, where cpu_kernel_runs(op, needs) is False."""
+    if cpu_kernel_runs(op, needs):
         return
     why = (EXTENSION.error if not EXTENSION.loaded
            else "the extension was built without it: rebuild it" if not EXTENSION.has_kernel(op, "CPU")
-           else "this CPU has no AVX512-BF16")
+           else f"this CPU has no {'AVX512-BF16' if 'avx512_bf16' in needs else 'AVX-512'}")
     raise RuntimeError(f"{op}: the kernel cannot run here ({why}); use {op}_reference")

@@ -6,7 +6,7 @@ was the largest single cost of a bfloat16 training step of the paper's network (
 convolutions at 29 channels, 64^3). csrc/cpu/conv3d_weight_grad.cpp computes it with VDPBF16PS
 close to the forward's speed (29 channels 64^3, 2 threads: 32.9 ms, oneDNN 52.6, the forward
 29.6), in float32 (oneDNN rounds its result to bfloat16).
-benchmarks/conv_bf16.py measures both side by side.
+benchmarks/conv_kernels.py measures both side by side.
 
 Unlike the other ops this one has a single kernel (CPU, AVX512-BF16) and no backends: on GPUs
 and on AMX CPUs the libraries' own weight gradients are the fast ones. nn/conv.py decides where
@@ -18,14 +18,14 @@ from __future__ import annotations
 import torch
 
 from .._extension import EXTENSION
-from ._checks import avx512_bf16_kernel_runs, check_tensor, refuse_without_avx512_bf16
+from ._checks import check_tensor, cpu_kernel_runs, refuse_cpu_kernel
 
 NAME = "conv3d_weight_grad"
 
 
 def kernel_available() -> bool:
     """Whether patchddm::conv3d_weight_grad runs here (the extension and AVX512-BF16)."""
-    return avx512_bf16_kernel_runs(NAME)
+    return cpu_kernel_runs(NAME)
 
 
 def conv3d_weight_grad_reference(input: torch.Tensor, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +59,7 @@ def conv3d_weight_grad(input: torch.Tensor, grad_out: torch.Tensor) -> tuple[tor
     AVX512-BF16 (kernel_available()); a clear error otherwise.
     """
     check_arguments(input, grad_out)
-    refuse_without_avx512_bf16(NAME)
+    refuse_cpu_kernel(NAME)
     return torch.ops.patchddm.conv3d_weight_grad(input, grad_out)
 
 

@@ -163,11 +163,13 @@ class TrainConfig:
         resolved = self.replace(precision=precision, channels_last=channels_last)
         line = (f"execution: {precision}, {'channels_last_3d' if channels_last else 'contiguous'} "
                 f"({origin}); recomputation {resolved.memory_option}")
-        if precision == "bf16" and torch.device(device).type == "cpu":
-            kernels = [what for what, chosen in (("Winograd convolutions", winograd_chosen()),
-                                                 ("weight gradients", weight_grad_kernel_chosen())) if chosen]
+        if torch.device(device).type == "cpu" and precision in ("bf16", "fp32"):
+            bf16 = precision == "bf16"
+            kernels = [what for what, chosen in (
+                ("Winograd convolutions", winograd_chosen(torch.bfloat16 if bf16 else torch.float32)),
+                ("weight gradients", bf16 and weight_grad_kernel_chosen())) if chosen]
             if kernels:
-                line += f"; bfloat16 {' and '.join(kernels)} from patchddm's kernels where they win"
+                line += f"; {'bfloat16' if bf16 else 'float32'} {' and '.join(kernels)} from patchddm's kernels where they win"
         return resolved, line
 
     def lr_at(self, step: int) -> float:

@@ -1,6 +1,6 @@
-"""nn.conv.Conv3d: the fused U-Net's convolution, whose bfloat16 CPU training takes the forward
-and input gradient from patchddm's Winograd kernel and the weight gradient from its weight
-gradient kernel where those pay, and is nn.Conv3d everywhere else."""
+"""nn.conv.Conv3d: the fused U-Net's convolution, whose CPU training takes the forward and input
+gradient from patchddm's Winograd kernel (bfloat16 and float32) and the bfloat16 weight
+gradient from its weight gradient kernel where those pay, and is nn.Conv3d everywhere else."""
 
 import contextlib
 import os
@@ -15,9 +15,12 @@ from nn_helpers import TINY, inputs, norm_error, randomize, training_step, twin
 from patchddm_fast.nn import UNet3D, UNetConfig, conv
 from patchddm_fast.ops.conv3d_weight_grad import kernel_available
 from patchddm_fast.ops.conv3d_winograd import conv3d_winograd_error_bound
+from patchddm_fast.ops.conv3d_winograd import kernel_available as winograd_available
 
 needs_kernel = pytest.mark.skipif(not kernel_available(),
                                   reason="needs the compiled extension and a CPU with AVX512-BF16")
+needs_avx512 = pytest.mark.skipif(not winograd_available(torch.float32),
+                                  reason="needs the compiled extension and a CPU with AVX-512")
 CL = torch.channels_last_3d
 
 
@@ -87,28 +90,33 @@ def test_bf16_training_takes_the_weight_gradient_from_the_kernel(calls):
     assert not torch.equal(grad_weight, grad_weight.bfloat16().float())
 
 
-@needs_kernel
-@pytest.mark.parametrize("cin,cout", [(26, 24), (8, 30), (30, 8), (23, 23)])
-def test_bf16_training_takes_winograd_from_24_channels(cin, cout, calls):
-    # A 16 x 16 plane: Winograd's where 24 channels or more go into the convolution (the
-    # forward's input channels, the input gradient's output channels); too small a plane for the
-    # weight gradient kernel, so oneDNN computes that.
+@pytest.mark.parametrize("bf16,cin,cout", [(True, 26, 24), (True, 8, 30), (True, 30, 8), (True, 23, 23),
+                                            (False, 17, 16), (False, 8, 20), (False, 15, 15)])
+def test_training_takes_winograd_from_24_or_16_channels(bf16, cin, cout, calls):
+    if not winograd_available(torch.bfloat16 if bf16 else torch.float32):
+        pytest.skip("needs the compiled extension and a CPU with AVX512-BF16 (bfloat16) or AVX-512 (float32)")
+    # A 16 x 16 plane: Winograd's where 24 (bfloat16) or 16 (float32) channels or more go into
+    # the convolution (the forward's input channels, the input gradient's output channels); too
+    # small a plane for the bfloat16 weight gradient kernel, so oneDNN computes that.
+    least = 24 if bf16 else 16
     ours, plain, x = _pair(cin, cout, shape=(3, 16, 16))
-    out, grad_x, grad_weight, grad_bias = _step(ours, x)
-    ref_out, ref_grad_x, ref_grad_weight, ref_grad_bias = _step(plain, x)
-    expected = [("conv3d_winograd", (2, cin, 3, 16, 16))] if cin >= 24 else []
-    expected += [("conv3d_winograd_input_grad", (2, cout, 3, 16, 16))] if cout >= 24 else []
+    out, grad_x, grad_weight, grad_bias = _step(ours, x, bf16=bf16)
+    ref_out, ref_grad_x, ref_grad_weight, ref_grad_bias = _step(plain, x, bf16=bf16)
+    expected = [("conv3d_winograd", (2, cin, 3, 16, 16))] if cin >= least else []
+    expected += [("conv3d_winograd_input_grad", (2, cout, 3, 16, 16))] if cout >= least else []
     assert calls == expected
-    # Each Winograd result within its error bound of the exact convolution of the same bfloat16
-    # operands (autocast's); the others are oneDNN's, the same bits as the plain module's.
-    xb, wb, bb = x.bfloat16(), ours.weight.bfloat16(), ours.bias.bfloat16()
-    if cin >= 24:
+    # Each Winograd result within its error bound of the exact convolution of the same operands
+    # (autocast's bfloat16 ones, or float32's); the others are oneDNN's, the same bits as the
+    # plain module's.
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    xb, wb, bb = x.to(dtype), ours.weight.to(dtype), ours.bias.to(dtype)
+    if cin >= least:
         exact = torch.nn.functional.conv3d(xb.double(), wb.double(), bb.double(), padding=1)
         assert ((out.double() - exact).abs() <= conv3d_winograd_error_bound(xb, wb, bb)).all()
     else:
         assert torch.equal(out, ref_out)
-    if cout >= 24:
-        grad_out = _grad_out(out).bfloat16()  # what autocast's backward passes, rounded
+    if cout >= least:
+        grad_out = _grad_out(out).to(dtype)  # what the backward passes (autocast's rounded to bfloat16)
         flipped = wb.flip(2, 3, 4).transpose(0, 1)
         exact = torch.nn.functional.conv3d(grad_out.double(), flipped.double(), padding=1)
         assert ((grad_x.double() - exact).abs() <= conv3d_winograd_error_bound(grad_out, flipped)).all()
@@ -122,11 +130,13 @@ def test_bf16_training_takes_winograd_from_24_channels(cin, cout, calls):
 
 
 @needs_kernel
-@pytest.mark.parametrize("case", ["float32", "small plane", "stride 2", "eval", "onednn chosen", "AMX"])
+@pytest.mark.parametrize("case", ["float64", "small plane", "stride 2", "eval", "onednn chosen", "AMX"])
 def test_everywhere_else_it_is_nn_conv3d(case, calls, monkeypatch):
     options = {"stride": 2} if case == "stride 2" else {}
     # 24 -> 24 channels on a 32 x 32 plane would take all three kernels; below 16 x 16 none
     ours, plain, x = _pair(24, 24, shape=(3, 8, 16) if case == "small plane" else (3, 32, 32), **options)
+    if case == "float64":
+        ours, plain, x = ours.double(), plain.double(), x.double()
     if case == "onednn chosen":
         monkeypatch.setattr(conv, "weight_grad_choice", "onednn")
         monkeypatch.setattr(conv, "winograd_choice", "onednn")
@@ -136,30 +146,33 @@ def test_everywhere_else_it_is_nn_conv3d(case, calls, monkeypatch):
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             assert torch.equal(ours.eval()(x), plain.eval()(x))
     else:
-        results = _step(ours, x, bf16=case != "float32"), _step(plain, x, bf16=case != "float32")
+        results = _step(ours, x, bf16=case != "float64"), _step(plain, x, bf16=case != "float64")
         assert all(torch.equal(a, b) for a, b in zip(*results))
     assert calls == []
 
 
 @pytest.mark.parametrize("flags,available,says", [
     ({"avx512_bf16"}, True, "patchddm's Winograd kernel from 24 channels"),
-    ({"avx512_bf16", "amx_bf16"}, True, "has AMX"), (set(), False, "no AVX512-BF16")])
+    ({"avx512_bf16", "amx_bf16"}, True, "has AMX"), (set(), False, "no AVX-512 or AVX512-BF16")])
 def test_without_the_kernels_or_with_amx_it_is_nn_conv3d_and_says_so(flags, available, says, monkeypatch):
     # What a CPU without AVX512-BF16 (or with AMX) gets, on any machine: oneDNN's convolutions,
     # and `patchddm info` says why.
     monkeypatch.setattr(conv, "cpu_flags", lambda: frozenset(flags))
     monkeypatch.setattr(conv, "weight_grad_available", lambda: available)
-    monkeypatch.setattr(conv, "winograd_available", lambda: available)
-    status, chosen = conv.bf16_conv_status(), says.startswith("patchddm")
+    monkeypatch.setattr(conv, "winograd_available", lambda dtype: available)
+    status, chosen = conv.conv_status(), says.startswith("patchddm")
     if chosen:
-        assert says in status and "weight gradient: patchddm's kernel from 1024-voxel planes" in status
-    else:  # both halves say why
-        assert status.count(says) == 2
+        assert says in status and "patchddm's Winograd kernel from 16 channels" in status
+        assert "weight gradient: patchddm's kernel from 1024-voxel planes" in status
+    else:  # all three say why
+        assert status.count(says) == 3
     ours, plain, x = _pair(24, 24)
     assert conv.uses_weight_grad_kernel(ours, x, torch.bfloat16) == chosen
     assert conv.uses_winograd(ours, x, torch.bfloat16) == chosen
+    assert conv.uses_winograd(ours, x, torch.float32) == chosen
     if not chosen:
-        assert all(torch.equal(a, b) for a, b in zip(_step(ours, x), _step(plain, x)))
+        for bf16 in (True, False):
+            assert all(torch.equal(a, b) for a, b in zip(_step(ours, x, bf16), _step(plain, x, bf16)))
 
 
 def test_same_parameters_and_state_dict_as_nn_conv3d():
@@ -232,15 +245,33 @@ def test_unet_bf16_step_with_winograd_matches_onednn(checkpoint, calls, monkeypa
 @pytest.mark.parametrize("value,choice,warned", [("onednn", "onednn", False), (" ONEDNN ", "onednn", False),
                                                  ("", "auto", False), ("fast", "auto", True)])
 def test_the_environment_chooses_onednn_or_auto(value, choice, warned):
-    # Read at import: a fresh interpreter with PATCHDDM_BF16_CONV set.
+    # Read at import: a fresh interpreter with PATCHDDM_CPU_CONV set.
     code = ("import warnings; warnings.simplefilter('always')\n"
             "from patchddm_fast.nn import conv\n"
             "print(conv.winograd_choice, conv.weight_grad_choice)\n"
-            "print(conv.bf16_conv_status())")
+            "print(conv.conv_status())")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env=dict(os.environ, PATCHDDM_BF16_CONV=value))
+                            env=dict(os.environ, PATCHDDM_CPU_CONV=value))
     assert result.returncode == 0, result.stderr
     choices, status = result.stdout.splitlines()[:2]
     assert choices == f"{choice} {choice}"
-    assert (status.count("chosen: 'onednn'") == 2) == (choice == "onednn")
-    assert ("PATCHDDM_BF16_CONV='fast' ignored: choose one of auto, onednn" in result.stderr) == warned
+    assert (status.count("chosen: 'onednn'") == 3) == (choice == "onednn")
+    assert ("PATCHDDM_CPU_CONV='fast' ignored: choose one of auto, onednn" in result.stderr) == warned
+
+
+@needs_avx512
+@pytest.mark.parametrize("checkpoint", ["off", "cheap", "blocks"])
+def test_unet_float32_step_with_winograd_matches_onednn(checkpoint, calls, monkeypatch):
+    model, x, t, target = _unet(WIDE, 16, checkpoint)
+    ours = training_step(model, x, t, target)
+    kernels = {name for name, _ in calls}
+    monkeypatch.setattr(conv, "winograd_choice", "onednn")
+    calls.clear()
+    theirs = training_step(model, x, t, target)
+    assert calls == [] and kernels == {"conv3d_winograd", "conv3d_winograd_input_grad"}
+    # float32 rounding on both sides: every tensor within 6.9e-7 of oneDNN's relative to its
+    # norm, measured over these three modes; 1e-5 leaves a margin of 14, and a wrong kernel
+    # would be off by order 1.
+    errors = [norm_error(ours[0], theirs[0]), norm_error(ours[2], theirs[2])]
+    errors += [norm_error(grad, theirs[1][name]) for name, grad in ours[1].items()]
+    assert max(errors) < 1e-5

@@ -3,6 +3,7 @@
 import argparse
 
 import pytest
+import torch
 
 from patchddm_fast.nn import PAPER, SMALL
 from patchddm_fast.train import TrainConfig, add_train_arguments, config_from_args
@@ -139,7 +140,7 @@ def test_auto_execution_takes_the_device_settings(monkeypatch):
         assert line.startswith(f"execution: {resolved.precision}, ") and "auto" in line
         assert f"recomputation {resolved.memory_option}" in line
         assert ("weight gradients" in line) == (native and weight_grad_kernel_chosen())
-        assert ("Winograd convolutions" in line) == (native and winograd_chosen())
+        assert ("Winograd convolutions" in line) == winograd_chosen(torch.bfloat16 if native else torch.float32)
         assert "\n" not in line
         # the paper preset's recomputation follows the resolved precision, and the line says so
         paper, paper_line = config(preset="paper").execution("cpu")
