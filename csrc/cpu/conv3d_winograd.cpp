@@ -197,24 +197,24 @@ inline int64_t tile_stride(int64_t out_pad) { return kPoints * out_pad + kLanes;
 // of bfloat16 channels (VDPBF16PS) or one float32 channel (FMA).
 template <class D, int NV>
 void products(const Shape& s, const uint32_t* v, const uint32_t* u, int64_t v0, int64_t groups, float* m) {
-  const int64_t pairs = s.words(), out_pad = s.out_pad(), vstride = kBlockTiles * pairs;
+  const int64_t words = s.words(), out_pad = s.out_pad(), vstride = kBlockTiles * words;
   for (int64_t p = 0; p < kPoints; ++p)
     for (int64_t g = 0; g < groups; ++g) {
-      const uint32_t* vp = v + p * vstride + g * kGroup * pairs;
-      const uint32_t* up = u + p * pairs * out_pad + v0 * kLanes;
+      const uint32_t* vp = v + p * vstride + g * kGroup * words;
+      const uint32_t* up = u + p * words * out_pad + v0 * kLanes;
       float* mp = m + g * kGroup * tile_stride(out_pad) + p * out_pad + v0 * kLanes;
       __m512 acc[kGroup][NV];
 #pragma GCC unroll 8
       for (int t = 0; t < kGroup; ++t)
 #pragma GCC unroll 4
         for (int j = 0; j < NV; ++j) acc[t][j] = _mm512_setzero_ps();
-      for (int64_t k = 0; k < pairs; ++k) {
+      for (int64_t k = 0; k < words; ++k) {
         __m512i w[NV];
 #pragma GCC unroll 4
         for (int j = 0; j < NV; ++j) w[j] = _mm512_loadu_si512(up + k * out_pad + j * kLanes);
 #pragma GCC unroll 8
         for (int t = 0; t < kGroup; ++t) {
-          const __m512i a = _mm512_set1_epi32(static_cast<int>(vp[t * pairs + k]));
+          const __m512i a = _mm512_set1_epi32(static_cast<int>(vp[t * words + k]));
 #pragma GCC unroll 4
           for (int j = 0; j < NV; ++j)
             if constexpr (D::kPack == 2)
