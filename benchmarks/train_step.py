@@ -56,12 +56,13 @@ def _case(variant: str, precision: str, checkpoint: str, channels_last: bool, si
         model.channels_last = True
         model.to(memory_format=torch.channels_last_3d)
 
-    def run():
+    def run():  # each case states its kernels (PATCHDDM_CPU_CONV does not apply here)
+        before = conv.weight_grad_choice, conv.winograd_choice
         conv.weight_grad_choice, conv.winograd_choice = weight_grad, winograd
         try:
             return step()
         finally:
-            conv.weight_grad_choice = conv.winograd_choice = "auto"
+            conv.weight_grad_choice, conv.winograd_choice = before
     return run
 
 
