@@ -84,7 +84,7 @@ struct Shape {
 // GCC 12's own _mm512_setzero_si512 (x = x) trips -Wmaybe-uninitialized where it inlines.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-inline __mmask16 lanes_below(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+using cpu::lanes_below;
 
 // (lo, hi) 16-bit values of up to 16 channels (the first n) as 32-bit words lo | hi << 16;
 // a null row reads as zeros.

@@ -130,9 +130,7 @@ void transform_weights(const float* weight, const Shape& s, int64_t o_begin, int
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16")
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12's _mm512_setzero_si512, as in conv3d_weight_grad
 
-inline __mmask16 lanes_below(int64_t n) {
-  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
-}
+using cpu::lanes_below;
 
 inline __m512 load_elem(const uint16_t* p, __mmask16 m) {  // bfloat16
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
@@ -273,8 +271,8 @@ void output_tile(const float* m, const float* bias, const Shape& s, int64_t b, i
 template <class D>
 struct Scratch {
   std::vector<typename D::Elem> v;  // [p][tile][in_pad]
-  std::vector<float> m;     // [tile][p][out_pad], tiles tile_stride apart
-  std::vector<float> buf;   // 64 x 16
+  std::vector<float> m;             // [tile][p][out_pad], tiles tile_stride apart
+  std::vector<float> buf;           // 64 x 16
 };
 
 // One task: tiles [tw0, tw0 + n) of tile row (b, td, th).

@@ -88,6 +88,12 @@ inline bool cpu_has_avx512_bf16() {
 #endif
 }
 
+// The mask of the first n of 16 lanes (all for n >= 16, none for n <= 0), as the AVX-512
+// kernels' masked loads and stores of a channel block's remainder take it (__mmask16).
+PATCHDDM_INLINE uint16_t lanes_below(int64_t n) {
+  return n >= 16 ? uint16_t{0xFFFF} : n <= 0 ? uint16_t{0} : static_cast<uint16_t>((1u << n) - 1);
+}
+
 // c ? a : b through a bit mask: both sides are computed, so compilers keep loops over it
 // vectorised rather than branching (they will not speculate float arithmetic into a select).
 PATCHDDM_INLINE uint32_t select_bits(bool c, uint32_t a, uint32_t b) {

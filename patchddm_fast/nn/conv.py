@@ -79,9 +79,13 @@ def _cpu_3x3x3(conv: nn.Conv3d, x: torch.Tensor) -> bool:
             and conv.dilation == (1, 1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
 
 
+def _has_amx() -> bool:
+    # There oneDNN has other kernels, which we have not measured against: ours stay off.
+    return "amx_bf16" in cpu_flags()
+
+
 def _chosen(choice: str, available: bool) -> bool:
-    # No AMX: there oneDNN has other kernels, which we have not measured against.
-    return choice == "auto" and available and "amx_bf16" not in cpu_flags()
+    return choice == "auto" and available and not _has_amx()
 
 
 def uses_weight_grad_kernel(conv: nn.Conv3d, x: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -118,7 +122,7 @@ def conv_status() -> str:
             return f"oneDNN (chosen: {choice!r}, e.g. by PATCHDDM_CPU_CONV)"
         if not available:
             return "oneDNN (no AVX-512 or AVX512-BF16 here, or the extension is not built)"
-        if "amx_bf16" in cpu_flags():
+        if _has_amx():
             return "oneDNN (this CPU has AMX, where oneDNN has its own fast kernels)"
         return ours
 

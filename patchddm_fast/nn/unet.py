@@ -60,7 +60,7 @@ def _norm_layers(fused: bool, groups: int, channels: int) -> list[nn.Module]:
 
 
 def _conv3(cin: int, cout: int, stride: int = 1, fused: bool = False) -> nn.Conv3d:
-    # The fused network's Conv3d: our bfloat16 weight gradient where it is faster (nn/conv.py).
+    # The fused network's Conv3d: our CPU convolution kernels in training where faster (nn/conv.py).
     return (Conv3d if fused else nn.Conv3d)(cin, cout, 3, stride=stride, padding=1)
 
 

@@ -36,6 +36,13 @@ def check_like(op: str, name: str, t, ref: torch.Tensor, ref_name: str, *, shape
         raise TypeError(f"{op}: {name} has dtype {t.dtype}, expected {ref.dtype} like {ref_name}")
 
 
+def check_cpu(op: str, **tensors) -> None:
+    """Each given tensor (None: absent) must be on the CPU: the op has CPU kernels only."""
+    for name, t in tensors.items():
+        if t is not None and t.device.type != "cpu":
+            raise ValueError(f"{op}: {name} is on {t.device}; the kernel is for CPU tensors")
+
+
 def check_contiguous(op: str, **tensors) -> None:
     """Each given tensor (None: absent) must be contiguous: the layout the kernels read."""
     for name, t in tensors.items():

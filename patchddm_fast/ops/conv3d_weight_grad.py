@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .._extension import EXTENSION
-from ._checks import check_tensor, cpu_kernel_runs, refuse_cpu_kernel
+from ._checks import check_cpu, check_tensor, cpu_kernel_runs, refuse_cpu_kernel
 
 NAME = "conv3d_weight_grad"
 
@@ -41,9 +41,7 @@ def conv3d_weight_grad_reference(input: torch.Tensor, grad_out: torch.Tensor) ->
 def check_arguments(input: torch.Tensor, grad_out: torch.Tensor) -> None:
     check_tensor(NAME, "input", input, ndim=5, dtypes=(torch.bfloat16,))
     check_tensor(NAME, "grad_out", grad_out, ndim=5, dtypes=(torch.bfloat16,))
-    for name, t in (("input", input), ("grad_out", grad_out)):
-        if t.device.type != "cpu":
-            raise ValueError(f"{NAME}: {name} is on {t.device}; the kernel is for CPU tensors")
+    check_cpu(NAME, input=input, grad_out=grad_out)
     if input.shape[0] != grad_out.shape[0] or input.shape[2:] != grad_out.shape[2:]:
         raise ValueError(f"{NAME}: grad_out has shape {tuple(grad_out.shape)}, which does not match input "
                          f"{tuple(input.shape)} (a 3x3x3 convolution with stride 1 and padding 1 keeps the "

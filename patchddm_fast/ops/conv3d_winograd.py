@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from .._extension import EXTENSION
-from ._checks import AVX512, AVX512_BF16, check_tensor, cpu_kernel_runs, refuse_cpu_kernel
+from ._checks import AVX512, AVX512_BF16, check_cpu, check_tensor, cpu_kernel_runs, refuse_cpu_kernel
 
 NAME = "conv3d_winograd"
 DTYPES = (torch.bfloat16, torch.float32)
@@ -97,11 +97,11 @@ def conv3d_winograd_error_bound(input: torch.Tensor, weight: torch.Tensor,
     per dimension, the halving exact), the products and their sum over C channels C + 1, the
     output transform's 6 and the bias's 1. So (C + 20) u times the algorithm on absolute values
     bounds it to first order; 1.01 covers the second."""
-    exact = conv3d_winograd_reference(input.double(), weight.double(), bias.double() if bias is not None else None)
     bias_size = bias.double().abs().reshape(1, -1, 1, 1, 1) if bias is not None else 0.0
     magnitude = _winograd(input, weight, absolute=True)
     if input.dtype == torch.float32:
         return 1.01 * (input.shape[1] + 20) * FLOAT32_UNIT * (magnitude + bias_size)
+    exact = conv3d_winograd_reference(input.double(), weight.double(), bias.double() if bias is not None else None)
     return 2.02 * BFLOAT16_UNIT * magnitude + 1.001 * BFLOAT16_UNIT * (exact.abs() + bias_size)
 
 
@@ -110,9 +110,7 @@ def check_arguments(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     check_tensor(NAME, "weight", weight, ndim=5, dtypes=(torch.bfloat16, torch.float32))
     if bias is not None:
         check_tensor(NAME, "bias", bias, ndim=1, dtypes=(torch.bfloat16, torch.float32))
-    for name, t in (("input", input), ("weight", weight), ("bias", bias)):
-        if t is not None and t.device.type != "cpu":
-            raise ValueError(f"{NAME}: {name} is on {t.device}; the kernel is for CPU tensors")
+    check_cpu(NAME, input=input, weight=weight, bias=bias)
     if weight.shape[1:] != (input.shape[1], 3, 3, 3):
         raise ValueError(f"{NAME}: weight has shape {tuple(weight.shape)}; expected (O, {input.shape[1]}, 3, 3, 3) "
                          f"for input {tuple(input.shape)}")
